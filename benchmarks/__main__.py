@@ -14,6 +14,8 @@ from pathlib import Path
 # Nothing may download at run time: make libraries that would try fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from anomalib_mdps.console import hide_library_import_warnings
+
 from .profiles import PROFILES_DIR, ProfileError, load_profile, notes_for, parse_assignment, pipeline_arguments
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -79,6 +81,7 @@ def rewrite_report(profile: dict, output_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_arguments(argv)
+    hide_library_import_warnings()
     try:
         profile = load_profile(args.profile)
         output_dir = (args.output_dir or RESULTS_DIR / profile["name"]).resolve()

@@ -21,6 +21,7 @@ A profile is a YAML file in ``benchmarks/profiles/`` (or any path)::
         data: {train_batch_size: 8}   # optional per-model dataset init args
         image_size: [64, 64]          # optional: the model's default pre-processor at this size
         empty_dirs: [dtd_dir]         # optional: init args that get a fresh, empty directory
+        malloc_mmap_threshold: 131072 # optional: glibc heap setting for this model's jobs (PatchCore)
         note: "..."                   # shown under the results table
       Mdps: {preset: configs/mdps_cpu.yaml}   # init args from a preset's model.init_args
     notes: ["..."]            # shown under the results table
@@ -135,6 +136,7 @@ def model_spec(name: str, entry: dict[str, Any]) -> dict[str, Any]:
         "data": data,
         "image_size": entry.get("image_size"),
         "empty_dirs": list(entry.get("empty_dirs") or []),
+        "malloc_mmap_threshold": entry.get("malloc_mmap_threshold"),
         "preset": entry.get("preset"),
     }
 

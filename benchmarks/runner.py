@@ -2,7 +2,8 @@
 
 Like anomalib's ``SerialRunner``, with three differences:
 - each job runs in a fresh (forked) process, so peak memory is the job's own, glibc's heap
-  state and a crash or out-of-memory kill stay with that job;
+  settings (``malloc_mmap_threshold``, see ``job.py``) and a crash or out-of-memory kill stay
+  with that job;
 - a job's output (progress bars, warnings) goes to its ``job.log``; the console gets one
   line per job and, for a failed job, the error with its traceback;
 - failures are raised to the caller together with the rows of the jobs that succeeded.
@@ -24,11 +25,6 @@ import pandas as pd
 from anomalib.pipelines.components.runners import SerialRunner
 from anomalib.pipelines.types import PREV_STAGE_RESULT
 
-# PatchCore's k-center-greedy loop fragments glibc's heap badly (out-of-memory at 24 GB
-# instead of a 1 GB peak): serve allocations above 128 KiB by mmap, as
-# MALLOC_MMAP_THRESHOLD_=131072 would (NOTES §6). Applies only inside job processes.
-_MMAP_THRESHOLD_BYTES = 131072
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _PR_SET_PDEATHSIG = 1  # Linux prctl option
 
 
@@ -46,13 +42,6 @@ class JobsFailedError(RuntimeError):
         self.failures = failures
         self.results = results
         super().__init__(f"{len(failures)} benchmark job(s) failed: {', '.join(f.title for f in failures)}")
-
-
-def _limit_heap_fragmentation() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
-        return  # the user's own setting already applies
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -75,7 +64,6 @@ def _run_job_here(job: Any, parent_pid: int) -> tuple[bool, Any]:
     sys.stderr.flush()
     os.dup2(log.fileno(), 1)  # also catches output of C extensions and Lightning's progress bars
     os.dup2(log.fileno(), 2)
-    _limit_heap_fragmentation()
     try:
         return True, job.run()
     except BaseException:  # noqa: BLE001  anything, so the parent can show it

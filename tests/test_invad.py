@@ -192,3 +192,33 @@ def test_cli_train_then_test_from_checkpoint(mvtec_root: Path, tmp_path: Path) -
     retested = cli_metrics(tested)
     for name in ("image_AUROC", "pixel_AUROC"):
         assert retested[name] == pytest.approx(metrics[name], abs=1e-6), name
+
+
+def test_onnx_and_openvino_exports_match_eager(tmp_path: Path) -> None:
+    import onnxruntime
+    import openvino
+
+    from anomalib_mdps.models import InvAD
+
+    torch.manual_seed(0)
+    model = InvAD(**TINY_INVAD, evaluator=False, visualizer=False)
+    training = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    model.model.fit_feature_statistics([model.model.raw_features(training)])
+    model.model.fit_score_statistics([model.model.raw_features(training)])
+    model.eval()
+    onnx_path = model.to_onnx(tmp_path, input_size=(64, 64))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        eager = model(images)
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    from_onnx = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    from_openvino = {port.get_any_name(): value for port, value in compiled(images.numpy()).items()}
+    for outputs in (from_onnx, from_openvino):
+        torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]).reshape(-1), eager.pred_score.reshape(-1),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]).reshape(eager.anomaly_map.shape),
+                                   eager.anomaly_map, atol=1e-4, rtol=0)

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from anomalib_mdps.console import hide_library_import_warnings
 from anomalib_mdps.demo_data import make_demo_dataset
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hide_library_import_warnings()
     if not args.config.is_file():
         parser.error(f"preset {args.config} not found; pass --config configs/<preset>.yaml from the repository.")
     root = args.root

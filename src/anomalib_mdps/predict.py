@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from anomalib_mdps.console import hide_library_import_warnings
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 logger = logging.getLogger("anomalib_mdps.predict")
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    hide_library_import_warnings()
     if not args.weights.is_file():
         parser.error(f"model file {args.weights} not found")
     if not args.images.is_dir():
