@@ -73,7 +73,7 @@ def rewrite_report(profile: dict, output_dir: Path) -> int:
     if not (output_dir / RESULTS_CSV).is_file():
         print(f"error: no {RESULTS_CSV} in {output_dir}", file=sys.stderr)
         return 2
-    write_reports(output_dir, pd.DataFrame(), profile["name"], lambda names: notes_for(profile, names))
+    write_reports(output_dir, pd.DataFrame(), profile, lambda names: notes_for(profile, names))
     print(f"Rewrote {output_dir / 'results.md'} and the plot from {RESULTS_CSV}")
     return 0
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobsFailedError as error:
         results, failures = error.results, error.failures
     if not results.empty:
-        write_reports(output_dir, results, profile["name"], lambda names: notes_for(profile, names))
+        write_reports(output_dir, results, profile, lambda names: notes_for(profile, names))
         print(f"Results merged into {output_dir}", flush=True)
     print(f"Wall time: {time.perf_counter() - started:.0f} s", flush=True)
     if failures:

@@ -155,17 +155,35 @@ def plot_auroc_against_latency(results: pd.DataFrame, path: Path, title: str) ->
     plt.close(figure)
 
 
-def write_reports(output_dir: Path, new_rows: pd.DataFrame, profile_name: str, notes_for_models) -> pd.DataFrame:
+def in_profile_order(results: pd.DataFrame, model_order: list[str], dataset_order: list[str]) -> pd.DataFrame:
+    """Rows grouped by model in the profile's order, datasets in its order; other names last."""
+
+    def rank(names: pd.Series, order: list[str]) -> pd.Series:
+        return names.astype(str).map({name: position for position, name in enumerate(order)}).fillna(len(order))
+
+    ranks = pd.DataFrame({"model": rank(results["model"], model_order), "dataset": rank(results["dataset"], dataset_order)})
+    return results.loc[ranks.sort_values(["model", "dataset"], kind="stable").index].reset_index(drop=True)
+
+
+def write_reports(
+    output_dir: Path,
+    new_rows: pd.DataFrame,
+    profile: dict,
+    notes_for_models,
+) -> pd.DataFrame:
     """Merge ``new_rows`` (may be empty) into the profile's csv; rewrite the markdown table and plot.
 
-    ``notes_for_models(model_names)`` gives the notes to print under the table.
+    Rows follow the profile's model and dataset order; ``notes_for_models(model_names)`` gives
+    the notes to print under the table.
     """
+    profile_name = profile["name"]
     output_dir.mkdir(parents=True, exist_ok=True)
     merged = (
         merge_results(output_dir / RESULTS_CSV, new_rows)
         if not new_rows.empty
         else pd.read_csv(output_dir / RESULTS_CSV)
     )
+    merged = in_profile_order(merged, list(profile.get("models") or []), list(profile.get("datasets") or []))
     merged.to_csv(output_dir / RESULTS_CSV, index=False)
     notes = notes_for_models(list(merged["model"].unique()))
     (output_dir / RESULTS_MD).write_text(markdown_report(merged, profile_name, notes), encoding="utf-8")

@@ -87,21 +87,24 @@ def _rows(*rows: tuple[str, str, float]) -> pd.DataFrame:
     )
 
 
-def test_runs_merge_into_one_table(tmp_path: Path) -> None:
-    write_reports(tmp_path, _rows(("PaDiM", "bottle", 0.9), ("DRAEM", "bottle", 0.5)), "test", lambda _: [])
+def test_runs_merge_into_one_table_in_profile_order(tmp_path: Path) -> None:
+    profile = {"name": "test", "models": {"Mdps": {}, "PaDiM": {}, "DRAEM": {}}, "datasets": {"bottle": {}, "kolektor": {}}}
+    first = _rows(("PaDiM", "kolektor", 0.8), ("PaDiM", "bottle", 0.9), ("DRAEM", "bottle", 0.5))
+    write_reports(tmp_path, first, profile, lambda _: [])
     later = _rows(("PaDiM", "bottle", 0.95), ("Mdps", "bottle", 0.99)).assign(pixel_AUPRO=0.8)
-    merged = write_reports(tmp_path, later, "test", lambda names: [f"models: {', '.join(names)}"])
+    merged = write_reports(tmp_path, later, profile, lambda names: [f"models: {', '.join(names)}"])
 
-    assert list(zip(merged["model"], merged["image_AUROC"], strict=True)) == [
-        ("PaDiM", 0.95),  # re-measured: replaced in place
-        ("DRAEM", 0.5),  # not re-measured: kept
-        ("Mdps", 0.99),  # new: appended
+    assert list(zip(merged["model"], merged["dataset"], merged["image_AUROC"], strict=True)) == [
+        ("Mdps", "bottle", 0.99),  # new: placed by the profile's model order
+        ("PaDiM", "bottle", 0.95),  # re-measured: replaced
+        ("PaDiM", "kolektor", 0.8),  # datasets in the profile's order
+        ("DRAEM", "bottle", 0.5),  # not re-measured: kept
     ]
-    assert pd.read_csv(tmp_path / RESULTS_CSV).shape[0] == 3
-    assert merged["pixel_AUPRO"].isna().sum() == 1  # columns are the union over runs
+    assert pd.read_csv(tmp_path / RESULTS_CSV).shape[0] == 4
+    assert merged["pixel_AUPRO"].isna().sum() == 2  # columns are the union over runs
     table = (tmp_path / RESULTS_MD).read_text(encoding="utf-8")
     assert "| DRAEM | bottle | 0.500 |" in table
-    assert "models: PaDiM, DRAEM, Mdps" in table
+    assert "models: Mdps, PaDiM, DRAEM" in table
     assert (tmp_path / PLOT_PNG).is_file()
     assert merge_results(tmp_path / "absent.csv", later).equals(later)
 
