@@ -83,7 +83,7 @@ def set_malloc_mmap_threshold(threshold_bytes: int) -> None:
     instead of a 1 GB peak, NOTES §6). Only the jobs that ask for it get it: it makes
     convolution-heavy training about 2.4x slower (every large activation is a fresh mapping).
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not platform.system() == "Linux":
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.system() != "Linux":
         return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold_bytes)

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +46,39 @@ def tiny_mdps_model():
 def cli_metrics(cli) -> dict[str, float]:  # noqa: ANN001
     """The metrics an ``AnomalibCLI`` run logged, as floats."""
     return {name: float(value) for name, value in cli.engine.trainer.callback_metrics.items()}
+
+
+# Exported graphs against eager torch: absolute tolerances on anomaly maps and image scores.
+EXPORT_MAP_TOLERANCE = 1e-4
+EXPORT_SCORE_TOLERANCE = 1e-5
+
+
+def onnx_runtime_outputs(onnx_path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The named outputs of an ONNX export run by ONNX Runtime on CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+
+
+def openvino_f32_outputs(model_path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The named outputs of an export run by OpenVINO on CPU at f32 (its default here is bf16)."""
+    import openvino
+
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(model_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return {port.get_any_name(): value for port, value in compiled(images.numpy()).items()}
+
+
+def assert_export_parity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
+    """``outputs`` match ``reference`` (eager torch) in ``anomaly_map`` and ``pred_score``."""
+    np.testing.assert_allclose(np.asarray(outputs["anomaly_map"]).reshape(reference["anomaly_map"].shape),
+                               reference["anomaly_map"], atol=EXPORT_MAP_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(np.asarray(outputs["pred_score"]).reshape(-1), reference["pred_score"].reshape(-1),
+                               atol=EXPORT_SCORE_TOLERANCE, rtol=0)
+
+
+def numpy_outputs(output) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """``pred_score`` and ``anomaly_map`` of a model output (InferenceBatch) as numpy arrays."""
+    return {"pred_score": output.pred_score.numpy(), "anomaly_map": output.anomaly_map.numpy()}

@@ -16,7 +16,14 @@ from anomalib_mdps.models.invad.torch_model import (
     latent_norm_map,
     spatial_score,
 )
-from conftest import REPO_ROOT, cli_metrics
+from conftest import (
+    REPO_ROOT,
+    assert_export_parity,
+    cli_metrics,
+    numpy_outputs,
+    onnx_runtime_outputs,
+    openvino_f32_outputs,
+)
 
 SMOKE = str(REPO_ROOT / "configs" / "invad_smoke.yaml")
 TINY_INVAD = {"image_size": (64, 64), "denoiser_channels": (32, 64), "noise_level": 1000, "num_steps": 2}
@@ -195,9 +202,6 @@ def test_cli_train_then_test_from_checkpoint(mvtec_root: Path, tmp_path: Path) -
 
 
 def test_onnx_and_openvino_exports_match_eager(tmp_path: Path) -> None:
-    import onnxruntime
-    import openvino
-
     from anomalib_mdps.models import InvAD
 
     torch.manual_seed(0)
@@ -209,16 +213,6 @@ def test_onnx_and_openvino_exports_match_eager(tmp_path: Path) -> None:
     onnx_path = model.to_onnx(tmp_path, input_size=(64, 64))
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        eager = model(images)
-
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    from_onnx = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
-    core = openvino.Core()
-    compiled = core.compile_model(core.read_model(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    from_openvino = {port.get_any_name(): value for port, value in compiled(images.numpy()).items()}
-    for outputs in (from_onnx, from_openvino):
-        torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]).reshape(-1), eager.pred_score.reshape(-1),
-                                   atol=1e-5, rtol=0)
-        torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]).reshape(eager.anomaly_map.shape),
-                                   eager.anomaly_map, atol=1e-4, rtol=0)
+        eager = numpy_outputs(model(images))
+    assert_export_parity(onnx_runtime_outputs(onnx_path, images), eager)
+    assert_export_parity(openvino_f32_outputs(onnx_path, images), eager)

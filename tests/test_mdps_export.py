@@ -1,7 +1,7 @@
 """Exported Mdps graphs (ONNX Runtime, OpenVINO, torch) agree with eager torch.
 
-Tolerances: anomaly maps within 1e-4 and image scores within 1e-5 (absolute), with OpenVINO
-forced to f32 (it runs bf16 by default on CPUs that support it).
+Tolerances (``conftest.EXPORT_*_TOLERANCE``): anomaly maps within 1e-4 and image scores within
+1e-5 (absolute), with OpenVINO forced to f32 (it runs bf16 by default on CPUs that support it).
 """
 
 from pathlib import Path
@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from anomalib_mdps.models import Mdps
-
-MAP_TOLERANCE = 1e-4
-SCORE_TOLERANCE = 1e-5
+from conftest import assert_export_parity, numpy_outputs, onnx_runtime_outputs, openvino_f32_outputs
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +29,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Mdps, Path, Path
 
 def _eager(model: Mdps, images: torch.Tensor) -> dict[str, np.ndarray]:
     with model.model.exportable(), torch.no_grad():
-        output = model(images)
-    return {"pred_score": output.pred_score.numpy(), "anomaly_map": output.anomaly_map.numpy()}
-
-
-def _assert_parity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
-    np.testing.assert_allclose(outputs["anomaly_map"].reshape(reference["anomaly_map"].shape),
-                               reference["anomaly_map"], atol=MAP_TOLERANCE, rtol=0)
-    np.testing.assert_allclose(outputs["pred_score"].reshape(-1), reference["pred_score"].reshape(-1),
-                               atol=SCORE_TOLERANCE, rtol=0)
+        return numpy_outputs(model(images))
 
 
 def _images(batch: int) -> torch.Tensor:
@@ -47,27 +37,16 @@ def _images(batch: int) -> torch.Tensor:
 
 
 def test_onnx_runtime_matches_eager(exported) -> None:
-    import onnxruntime
-
     model, onnx_path, _ = exported
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
         images = _images(batch)
-        names = [output.name for output in session.get_outputs()]
-        outputs = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
-        _assert_parity(outputs, _eager(model, images))
+        assert_export_parity(onnx_runtime_outputs(onnx_path, images), _eager(model, images))
 
 
 def test_openvino_matches_eager(exported) -> None:
-    import openvino
-
     model, onnx_path, _ = exported
-    core = openvino.Core()
-    compiled = core.compile_model(core.read_model(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     images = _images(2)
-    result = compiled(images.numpy())
-    outputs = {port.get_any_name(): value for port, value in result.items()}
-    _assert_parity(outputs, _eager(model, images))
+    assert_export_parity(openvino_f32_outputs(onnx_path, images), _eager(model, images))
 
 
 def test_torch_export_matches_eager_and_runs_under_inference_mode(exported) -> None:
@@ -76,8 +55,7 @@ def test_torch_export_matches_eager_and_runs_under_inference_mode(exported) -> N
     images = _images(2)
     with torch.inference_mode():
         output = loaded(images)
-    _assert_parity({"pred_score": output.pred_score.numpy(), "anomaly_map": output.anomaly_map.numpy()},
-                   _eager(model, images))
+    assert_export_parity(numpy_outputs(output), _eager(model, images))
 
 
 def test_export_leaves_the_model_on_dps_guidance(exported) -> None:
