@@ -38,7 +38,10 @@ def tiny_mdps_model():
         torch.manual_seed(0)
         model = MdpsModel(**{**TINY_MDPS, **overrides})
         model.update_ema()
-        return model.eval()
+        model.eval()
+        normal = torch.rand(4, 3, *model.image_size, generator=torch.Generator().manual_seed(7))
+        model.calibrate(normal)
+        return model
 
     return build
 

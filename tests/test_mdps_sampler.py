@@ -6,10 +6,15 @@ from diffusers import DDIMScheduler
 
 from anomalib_mdps.components import NoiseSchedule, ddim_step_pairs
 from anomalib_mdps.models.mdps.sampler import (
+    GUIDANCE_REFERENCE_ELEMENTS,
     Guidance,
+    GuidanceNorm,
     ThresholdMode,
     anomalous_region_mask,
     ddim_step,
+    guidance_objective,
+    guided_epsilon,
+    likelihood_gradient,
     masked_posterior_sampling,
     noised_observation,
 )
@@ -114,3 +119,98 @@ def test_mask_threshold_is_per_image_by_default() -> None:
     assert mask[0].sum() == 8  # values above the mid-range of each image
     batch_mask = anomalous_region_mask(maps, 0.5, ThresholdMode.BATCH)
     assert batch_mask[0].sum() == 0 and batch_mask[1].sum() == 8
+
+
+# ------------------------------------------------------------------ guidance calibration
+def _pull(residual: torch.Tensor, region: torch.Tensor, norm: GuidanceNorm) -> torch.Tensor:
+    """∂L/∂r by autograd: the per-pixel pull of eq. 16 before ρ·√(1-ᾱ_t)/√ᾱ_t."""
+    r = residual.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(guidance_objective(region * r, region, norm).sum(), r)
+    return gradient
+
+
+@pytest.mark.parametrize("norm", list(GuidanceNorm))
+def test_guidance_pull_is_the_same_at_64_and_128_px(norm: GuidanceNorm) -> None:
+    pattern = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) - 0.5
+    large = pattern.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)  # the same residual at 128 px
+    pull_64 = _pull(pattern, torch.ones(1, 1, 64, 64), norm)
+    pull_128 = _pull(large, torch.ones(1, 1, 128, 128), norm)
+    torch.testing.assert_close(pull_128[..., ::2, ::2], pull_64, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", list(GuidanceNorm))
+def test_guidance_pull_does_not_depend_on_the_mask_area(norm: GuidanceNorm) -> None:
+    residual = torch.full((1, 3, 64, 64), 0.2)
+    small = torch.zeros(1, 1, 64, 64)
+    small[..., :14, :14] = 1  # about 5 % of the image
+    large = torch.zeros(1, 1, 64, 64)
+    large[..., :32, :] = 1  # half of it
+    pull_small = _pull(residual, small, norm)[..., :14, :14]
+    pull_large = _pull(residual, large, norm)[..., :14, :14]
+    torch.testing.assert_close(pull_small, pull_large, rtol=1e-4, atol=1e-7)
+
+
+def test_plain_guidance_at_256_px_with_a_full_mask_is_the_plain_norm() -> None:
+    residual = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(4)) - 0.5
+    region = torch.ones(2, 1, 256, 256)
+    torch.testing.assert_close(
+        guidance_objective(residual, region, GuidanceNorm.PLAIN), residual.flatten(1).norm(dim=1), rtol=1e-5, atol=0,
+    )
+    torch.testing.assert_close(
+        guidance_objective(residual, region, GuidanceNorm.SQUARED), residual.flatten(1).pow(2).sum(dim=1),
+        rtol=1e-5, atol=0,
+    )
+    assert GUIDANCE_REFERENCE_ELEMENTS == 3 * 256 * 256
+
+
+@pytest.mark.parametrize("norm", list(GuidanceNorm))
+def test_jacobian_free_equals_dps_when_epsilon_does_not_depend_on_x(schedule: NoiseSchedule, norm: GuidanceNorm) -> None:
+    y, noise = _inputs()
+    fixed = noise[1]
+
+    def constant_denoiser(x: torch.Tensor, timestep: int) -> torch.Tensor:
+        del timestep
+        return fixed + 0 * x  # ∂x̂0/∂x_t is then exactly I/√ᾱ_t
+
+    mask = torch.zeros_like(y[:, :1])
+    mask[..., 2:6, 1:5] = 1
+    x_t = noised_observation(y, schedule.alpha_bar[100], noise[0])
+    _, dps = likelihood_gradient(constant_denoiser, x_t, 99, y, schedule.alpha_bar[100], mask, Guidance.DPS, norm)
+    _, free = likelihood_gradient(
+        constant_denoiser, x_t, 99, y, schedule.alpha_bar[100], mask, Guidance.JACOBIAN_FREE, norm,
+    )
+    assert dps.abs().max() > 0
+    torch.testing.assert_close(free, dps, rtol=1e-4, atol=1e-6)
+
+
+def test_eq_16_scales_the_gradient_by_rho_and_the_noise_level() -> None:
+    prior, gradient = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    alpha_bar = torch.tensor(0.64)
+    torch.testing.assert_close(guided_epsilon(prior, gradient, alpha_bar, 5.0), prior + 5.0 * 0.6 * gradient)
+
+
+def test_eq_20_threshold_adds_lambda_of_the_range_to_the_minimum() -> None:
+    maps = torch.linspace(0, 1, 16).view(1, 1, 4, 4) + 3.0  # minimum 3: the "min +" term matters
+    mask = anomalous_region_mask(maps, 0.5)
+    assert mask.sum() == 8
+    torch.testing.assert_close(mask, (maps > 3.5).float())
+
+
+def test_normal_threshold_mode_uses_the_normal_level_alone() -> None:
+    maps = torch.cat([torch.linspace(0, 1, 16).view(1, 1, 4, 4), 10 * torch.linspace(0, 1, 16).view(1, 1, 4, 4)])
+    mask = anomalous_region_mask(maps, 0.5, ThresholdMode.NORMAL, torch.tensor(0.9))
+    assert mask[0].sum() == 2  # only 14/15 and 1 of the first image pass 0.9
+    assert mask[1].sum() == 14  # every value of the second from 1.33 on
+    with pytest.raises(ValueError, match="normal"):
+        anomalous_region_mask(maps, 0.5, ThresholdMode.NORMAL)
+
+
+def test_training_loss_sums_over_pixels_as_eq_5(schedule: NoiseSchedule) -> None:
+    x0 = torch.rand(3, 3, 8, 8) * 2 - 1
+
+    def denoiser(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + 0.01 * timestep.view(-1, 1, 1, 1)
+
+    summed = schedule.training_loss(denoiser, x0, generator=torch.Generator().manual_seed(0))
+    mean = schedule.training_loss(denoiser, x0, generator=torch.Generator().manual_seed(0), reduction="mean")
+    torch.testing.assert_close(summed, mean * 3 * 8 * 8, rtol=1e-5, atol=0)

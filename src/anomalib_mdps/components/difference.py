@@ -64,10 +64,18 @@ def reconstruction_difference(
     features_y: list[torch.Tensor],
     pixel_weight: float,
     pool_size: int = 1,
+    term_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[D(x0, y)]_k = η‖y_k − x0_k‖₁ + Σ_{i∈J} (1 − cos(F_i^k(x0), F_i^k(y))): MDPS eq. 18."""
+    """[D(x0, y)]_k = η‖y_k − x0_k‖₁ + Σ_{i∈J} (1 − cos(F_i^k(x0), F_i^k(y))): MDPS eq. 18.
+
+    ``term_scale`` (2,) divides the pixel and the perceptual term by their spread on normal
+    images first, so that η weighs two terms of the same scale.
+    """
+    pixel = pixel_difference(x0, y)
     perceptual = perceptual_difference(features_x0, features_y, tuple(y.shape[-2:]), pool_size)
-    return pixel_weight * pixel_difference(x0, y) + perceptual
+    if term_scale is not None:
+        pixel, perceptual = pixel / term_scale[0], perceptual / term_scale[1]
+    return pixel_weight * pixel + perceptual
 
 
 def mean_over_samples(difference: torch.Tensor, num_samples: int) -> torch.Tensor:

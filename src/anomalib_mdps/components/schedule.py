@@ -49,9 +49,14 @@ class NoiseSchedule(nn.Module):
         x0: torch.Tensor,
         max_level: int | None = None,
         generator: torch.Generator | None = None,
+        reduction: str = "sum",
     ) -> torch.Tensor:
         """ε-prediction objective (paper eq. 5) with levels t drawn uniformly from {1, …, max_level}.
 
+        ``reduction="sum"`` is eq. 5 as written (and the authors' code): ‖ε − ε_θ‖² summed over an
+        image's pixels, averaged over the batch. It keeps Adam's (coupled) weight decay at the size
+        the paper's 5e-2 was chosen for; a per-pixel mean makes the loss gradient C·H·W times
+        smaller, so the decay would dominate it. ``"mean"`` averages over pixels too.
         ``max_level`` defaults to the whole schedule (the paper). A sampler that never starts
         above some T only needs the levels up to T, which a short training budget can favour.
         """
@@ -60,7 +65,12 @@ class NoiseSchedule(nn.Module):
         t = torch.randint(1, high + 1, (batch_size,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         predicted = denoiser(self.add_noise(x0, noise, t), self.denoiser_timestep(t))
-        return nn.functional.mse_loss(predicted, noise)
+        if reduction == "mean":
+            return nn.functional.mse_loss(predicted, noise)
+        if reduction == "sum":
+            return (predicted - noise).pow(2).flatten(1).sum(dim=1).mean()
+        msg = f"reduction must be 'sum' or 'mean', got {reduction!r}."
+        raise ValueError(msg)
 
 
 def ddim_step_pairs(noise_level: int, num_steps: int) -> list[tuple[int, int]]:

@@ -65,7 +65,7 @@ class DiffusionModuleMixin:
         return self.score_batch(batch)
 
     @staticmethod
-    def diffusion_trainer_arguments(max_epochs: int) -> dict[str, Any]:
+    def diffusion_trainer_arguments(max_epochs: int, gradient_clip_val: float | None = 1.0) -> dict[str, Any]:
         """Train ``max_epochs``; validate once, at the end (the validation set feeds thresholds
         and normalisation, and sampling it every epoch would cost as much as a test run);
         gradients stay available at evaluation for guidance through the denoiser.
@@ -75,5 +75,5 @@ class DiffusionModuleMixin:
             "check_val_every_n_epoch": max_epochs,
             "num_sanity_val_steps": 0,
             "inference_mode": False,
-            "gradient_clip_val": 1.0,
+            "gradient_clip_val": gradient_clip_val,
         }

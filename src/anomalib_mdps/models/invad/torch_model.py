@@ -267,6 +267,7 @@ class InvADModel(nn.Module):
             self.denoiser,
             self.standardise_features(features),
             generator=self._training_generator,
+            reduction="mean",  # InvAD's preset was measured with the per-element mean and AdamW
         )
 
     def update_ema(self) -> None:

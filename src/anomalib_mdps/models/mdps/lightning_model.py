@@ -5,6 +5,7 @@ Training fits a DDPM ε-denoiser on normal images; ``forward`` runs Algorithm 1 
 (m = 1, then the mask of eq. 20) and scores the averaged difference map (eqs. 18–19).
 """
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,19 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule
+from anomalib.pre_processing.utils.transform import get_exportable_transform
+from torchvision.transforms.v2 import Compose, Resize
 
 from anomalib_mdps.models.common import DiffusionModuleMixin
 
-from .sampler import Guidance, ThresholdMode
+from .calibration import CalibrationHoldout
+from .input_size import size_for_data, square
+from .sampler import Guidance, GuidanceNorm, ThresholdMode
 from .torch_model import MdpsModel
+
+
+# A batch made only of held-out calibration images has nothing to train on: skipping it is intended.
+warnings.filterwarnings("ignore", message="`training_step` returned `None`", category=UserWarning)
 
 
 class Mdps(DiffusionModuleMixin, AnomalibModule):
@@ -26,6 +35,12 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
     The model arguments are those of :class:`MdpsModel` plus:
 
     Args:
+        image_size: an integer is the short side, the long side following the training data's
+            aspect ratio (a 250 × 630 part runs at 64 × 160, not squashed to 64 × 64); a pair
+            (height, width) is used as given.
+        calibration_images: normal training images held out of the denoiser's training (chosen
+            by a hash of their file names) on which ``MdpsModel.calibrate`` measures the
+            normal-image statistics before validation, test and predict.
         max_epochs: training epochs of the denoiser (carried into the trainer arguments).
         learning_rate, weight_decay: Adam settings (paper: 1e-4 and 5e-2).
         optimizer: ``adam`` (paper) or ``adamw`` (decoupled weight decay).
@@ -34,20 +49,26 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
 
     def __init__(
         self,
-        image_size: Sequence[int] = (64, 64),
-        unet_channels: Sequence[int] = (64, 128, 256),
-        layers_per_block: int = 2,
+        image_size: int | Sequence[int] = 64,
+        unet_channels: Sequence[int] = (32, 64, 128, 256),
+        layers_per_block: int = 1,
         attention_levels: Sequence[bool] | None = None,
         num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
         noise_level: int = 200,
-        num_steps: int = 10,
+        num_steps: int = 5,
         guidance_scale: float = 100.0,
+        mask_guidance_scale: float | None = None,
+        guidance_norm: str = GuidanceNorm.PLAIN.value,
         ddim_eta: float = 1.0,
-        num_samples: int = 4,
+        num_samples: int = 2,
         use_mask: bool = True,
         mask_threshold: float = 0.5,
-        threshold_mode: str = ThresholdMode.PER_IMAGE.value,
-        guidance: str = Guidance.DPS.value,
+        threshold_mode: str = ThresholdMode.NORMAL.value,
+        mask_quantile: float = 0.99,
+        standardize: bool = True,
+        guidance: str = Guidance.JACOBIAN_FREE.value,
         masked_guidance: bool = True,
         pixel_weight: float = 1.0,
         backbone: str = "tf_efficientnet_lite0",
@@ -56,11 +77,12 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         backbone_input_size: Sequence[int] | None = None,
         blur_sigma: float = 4.0,
         top_k: int = 500,
-        ema_decay: float = 0.999,
-        train_max_noise_level: int | None = None,
+        ema_decay: float = 0.995,
+        train_max_noise_level: int | None = 400,
         seed: int = 0,
-        max_epochs: int = 100,
-        learning_rate: float = 1e-4,
+        calibration_images: int = 16,
+        max_epochs: int = 30,
+        learning_rate: float = 5e-4,
         weight_decay: float = 5e-2,
         optimizer: str = "adam",
         pre_processor: torch.nn.Module | bool = True,
@@ -69,25 +91,31 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         visualizer: Any = True,  # noqa: ANN401
     ) -> None:
         super().__init__(
-            pre_processor=self.configure_pre_processor(tuple(image_size)) if pre_processor is True else pre_processor,
+            pre_processor=self.configure_pre_processor(square(image_size)) if pre_processor is True else pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
             visualizer=visualizer,
         )
         self.model = MdpsModel(
-            image_size=image_size,
+            image_size=square(image_size),
             unet_channels=unet_channels,
             layers_per_block=layers_per_block,
             attention_levels=attention_levels,
             num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
             noise_level=noise_level,
             num_steps=num_steps,
             guidance_scale=guidance_scale,
+            mask_guidance_scale=mask_guidance_scale,
+            guidance_norm=guidance_norm,
             ddim_eta=ddim_eta,
             num_samples=num_samples,
             use_mask=use_mask,
             mask_threshold=mask_threshold,
             threshold_mode=threshold_mode,
+            mask_quantile=mask_quantile,
+            standardize=standardize,
             guidance=guidance,
             masked_guidance=masked_guidance,
             pixel_weight=pixel_weight,
@@ -101,6 +129,8 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
             train_max_noise_level=train_max_noise_level,
             seed=seed,
         )
+        self.short_side = image_size if isinstance(image_size, int) else None
+        self.calibration = CalibrationHoldout(calibration_images)
         self.max_epochs = max_epochs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -117,11 +147,48 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
             weight_decay=self.weight_decay,
         )
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:
+    def setup(self, stage: str) -> None:
+        """Aspect-aware input: with an integer ``image_size``, follow the data's aspect ratio."""
+        super().setup(stage)
+        if self.short_side is None or self.pre_processor is None:
+            return
+        size = size_for_data(getattr(self.trainer, "datamodule", None), self.short_side, self.model.unet_channels)
+        if size is not None and size != self.model.image_size:
+            self.model.set_image_size(size)
+            self.pre_processor.transform = Compose([Resize(size, antialias=True)])
+            self.pre_processor.export_transform = get_exportable_transform(self.pre_processor.transform)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.calibration.choose(getattr(self.trainer, "datamodule", None))
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor | None:
         del args, kwargs
-        loss = self.model.training_loss(batch.image)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
+        images = self.calibration.split_off(batch)
+        if images.shape[0] == 0:
+            return None
+        loss = self.model.training_loss(images)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:  # noqa: ANN401
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.calibration.stale = True
+
+    def on_validation_start(self) -> None:
+        self._calibrate_if_stale()
+
+    def on_test_start(self) -> None:
+        self._calibrate_if_stale()
+
+    def on_predict_start(self) -> None:
+        self._calibrate_if_stale()
+
+    def _calibrate_if_stale(self) -> None:
+        """Normal-image statistics for the weights as they are now (eq. 18 scales, eq. 20 threshold)."""
+        if self.calibration.stale and len(self.calibration.images):
+            self.model.calibrate(self.calibration.stacked(self.device))
+        self.calibration.stale = False
 
     def score_batch(self, batch: Batch) -> Batch:
         output = self.model.reconstruct(batch.image)
@@ -141,11 +208,13 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
 
     @classmethod
     def checkpoint_safe_globals(cls) -> Sequence[Any]:
-        return (Guidance, ThresholdMode)
+        return (Guidance, GuidanceNorm, ThresholdMode)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        return self.diffusion_trainer_arguments(self.max_epochs)
+        # No clipping: eq. 5 sums over pixels, and a clipped gradient would shrink the loss term
+        # against Adam's weight decay again.
+        return self.diffusion_trainer_arguments(self.max_epochs, gradient_clip_val=None)
 
     @property
     def learning_type(self) -> LearningType:

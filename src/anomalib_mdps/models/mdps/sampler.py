@@ -25,11 +25,23 @@ class Guidance(str, Enum):
     JACOBIAN_FREE = "jacobian_free"  # ∂x̂0/∂x_t ≈ I/√ᾱ_t: no autograd, exportable
 
 
-class ThresholdMode(str, Enum):
-    """Whose min and max D̄ eq. 20 uses."""
+class GuidanceNorm(str, Enum):
+    """Which norm of the residual y − x̂0 eq. 16 differentiates."""
 
-    PER_IMAGE = "per_image"  # each image on its own (default: scoring one image at a time)
-    BATCH = "batch"  # over the whole batch, like the authors' test-set statistics
+    PLAIN = "plain"  # ‖m⊙r‖₂, as the authors' code; rescaled so that ρ is defined at 3×256² elements
+    SQUARED = "squared"  # ‖m⊙r‖₂², as eq. 16 is written; its per-pixel pull 2ρ·r_k needs no rescaling
+
+
+class ThresholdMode(str, Enum):
+    """Whose statistics set the threshold of eq. 20."""
+
+    PER_IMAGE = "per_image"  # min + λ·(max − min) of each image on its own
+    BATCH = "batch"  # min + λ·(max − min) over the whole batch, like the authors' test-set statistics
+    NORMAL = "normal"  # a quantile of D̄ on held-out normal training images (inductive, image-independent)
+
+
+# ρ of the plain norm is defined for a full mask on a 3-channel 256 × 256 image (the paper's size).
+GUIDANCE_REFERENCE_ELEMENTS = 3 * 256 * 256
 
 
 def noised_observation(y: torch.Tensor, alpha_bar_t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -61,9 +73,35 @@ def masked_posterior_epsilon(
     return (1 - mask) * epsilon_normal + mask * epsilon_anomalous
 
 
-def _residual_norm(residual: torch.Tensor) -> torch.Tensor:
-    """Per-sample ‖r‖₂ (samples never couple), smooth at r = 0."""
-    return (residual.pow(2).flatten(1).sum(dim=1) + 1e-12).sqrt().view(-1, *([1] * (residual.dim() - 1)))
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def guidance_objective(residual: torch.Tensor, region: torch.Tensor, norm: GuidanceNorm) -> torch.Tensor:
+    """Per-sample L(r) whose gradient eq. 16 scales by ρ, for r = region⊙(y − x̂0).
+
+    ``SQUARED``: ‖r‖₂², eq. 16 as written; ∂L/∂r_k = 2·r_k does not depend on the image size or
+    on the mask area. ``PLAIN``: ‖r‖₂·√(n_m / n_ref), with n_m the number of masked elements and
+    n_ref = 3·256². The plain norm's gradient r_k/‖r‖ shrinks as 1/√n_m (a 64 px image gets 4×
+    the pull of a 256 px one, a mask over 5 % of the image 4.5× that of a full one); the factor
+    cancels this, so ∂L/∂r_k = r_k / (rms(r)·√n_ref) at every size and mask area, and a full mask
+    at 256 px is exactly the authors' per-sample plain norm.
+    """
+    energy = residual.pow(2).flatten(1).sum(dim=1)
+    if norm == GuidanceNorm.SQUARED:
+        return energy
+    elements = region.expand_as(residual).flatten(1).sum(dim=1).detach()
+    return (energy + 1e-12).sqrt() * (elements / GUIDANCE_REFERENCE_ELEMENTS).sqrt()
+
+
+def guidance_objective_gradient(residual: torch.Tensor, region: torch.Tensor, norm: GuidanceNorm) -> torch.Tensor:
+    """∂L/∂r of :func:`guidance_objective`, in closed form (for the autograd-free guidance)."""
+    if norm == GuidanceNorm.SQUARED:
+        return 2 * residual
+    energy = residual.pow(2).flatten(1).sum(dim=1)
+    elements = region.expand_as(residual).flatten(1).sum(dim=1)
+    scale = (elements / GUIDANCE_REFERENCE_ELEMENTS).sqrt() / (energy + 1e-12).sqrt()
+    return _per_sample(scale, residual) * residual
 
 
 def likelihood_gradient(
@@ -74,16 +112,18 @@ def likelihood_gradient(
     alpha_bar_t: torch.Tensor,
     region: torch.Tensor,
     guidance: Guidance,
+    norm: GuidanceNorm = GuidanceNorm.PLAIN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ε_θ(x_t, t) and ∇_{x_t}‖region⊙(y − x̂0^prior)‖₂ per sample (eqs. 13, 15, 16).
+    """ε_θ(x_t, t) and ∇_{x_t} L(region⊙(y − x̂0^prior)) per sample (eqs. 13, 15, 16).
 
     ``Guidance.DPS`` differentiates through the denoiser; ``Guidance.JACOBIAN_FREE`` takes
-    ∂x̂0/∂x_t ≈ I/√ᾱ_t, which needs no autograd and can be exported.
+    ∂x̂0/∂x_t ≈ I/√ᾱ_t, which needs no autograd and can be exported. L is
+    :func:`guidance_objective`.
     """
     if guidance == Guidance.JACOBIAN_FREE:
         epsilon = denoiser(x_t, timestep)
         residual = region * (y - predicted_clean_image(x_t, epsilon, alpha_bar_t))
-        return epsilon, -residual / (alpha_bar_t.sqrt() * _residual_norm(residual))
+        return epsilon, -region * guidance_objective_gradient(residual, region, norm) / alpha_bar_t.sqrt()
     if torch.is_inference_mode_enabled():
         msg = (
             "DPS guidance differentiates through the denoiser and cannot run under torch.inference_mode(). "
@@ -94,7 +134,7 @@ def likelihood_gradient(
         x = x_t.detach().requires_grad_(True)
         epsilon = denoiser(x, timestep)
         residual = region * (y - predicted_clean_image(x, epsilon, alpha_bar_t))
-        (gradient,) = torch.autograd.grad(_residual_norm(residual).sum(), x)
+        (gradient,) = torch.autograd.grad(guidance_objective(residual, region, norm).sum(), x)
     return epsilon.detach(), gradient
 
 
@@ -111,6 +151,7 @@ def masked_posterior_sampling(
     eta: float = 1.0,
     guidance: Guidance = Guidance.DPS,
     masked_guidance: bool = True,
+    guidance_norm: GuidanceNorm = GuidanceNorm.PLAIN,
 ) -> torch.Tensor:
     """Algorithm 1: a normal image x0 drawn from p(x0 | y) under the mask ``m``.
 
@@ -125,6 +166,7 @@ def masked_posterior_sampling(
         guidance: how the likelihood gradient of eq. 16 is computed.
         masked_guidance: restrict ‖y − x̂0‖ to the anomalous region m (eq. 15 holds there);
             ``False`` uses the whole image, as in the authors' code.
+        guidance_norm: the norm of eq. 16 (see :func:`guidance_objective`).
     """
     if noise.shape[0] != num_steps + 1:
         msg = f"noise must hold num_steps + 1 = {num_steps + 1} draws, got {noise.shape[0]}."
@@ -137,7 +179,9 @@ def masked_posterior_sampling(
             epsilon_prior = denoiser(x, t - 1)
             epsilon_anomalous = epsilon_prior
         else:
-            epsilon_prior, gradient = likelihood_gradient(denoiser, x, t - 1, y, alpha_bar_t, region, guidance)
+            epsilon_prior, gradient = likelihood_gradient(
+                denoiser, x, t - 1, y, alpha_bar_t, region, guidance, guidance_norm,
+            )
             epsilon_anomalous = guided_epsilon(epsilon_prior, gradient, alpha_bar_t, guidance_scale)
         epsilon = masked_posterior_epsilon(observation_epsilon(x, y, alpha_bar_t), epsilon_anomalous, mask)
         x = ddim_step(x, epsilon, alpha_bar_t, alpha_bar_s, eta, noise[step])
@@ -148,8 +192,19 @@ def anomalous_region_mask(
     difference: torch.Tensor,
     threshold_ratio: float,
     mode: ThresholdMode = ThresholdMode.PER_IMAGE,
+    normal_threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """m = (D̄ > min D̄ + λ·(max D̄ − min D̄)), eq. 20, for maps of shape (B, 1, H, W)."""
+    """m = (D̄ > min D̄ + λ·(max D̄ − min D̄)), eq. 20, for maps of shape (B, 1, H, W).
+
+    ``ThresholdMode.NORMAL`` replaces the min/max rule by ``normal_threshold``, a level of D̄
+    measured on held-out normal training images, so that the mask of a normal image is nearly
+    empty whatever the image's own range.
+    """
+    if mode == ThresholdMode.NORMAL:
+        if normal_threshold is None:
+            msg = "ThresholdMode.NORMAL needs the threshold measured on normal images."
+            raise ValueError(msg)
+        return (difference > normal_threshold).to(difference.dtype)
     dims = tuple(range(difference.dim())) if mode == ThresholdMode.BATCH else tuple(range(1, difference.dim()))
     low = difference.amin(dim=dims, keepdim=True)
     high = difference.amax(dim=dims, keepdim=True)

@@ -11,19 +11,24 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.components import (
     FeatureExtractor,
+    perceptual_difference,
+    pixel_difference,
+    reconstruction_difference,
     NoiseSchedule,
     anomaly_map_blur,
     build_unet,
     check_unet_input_size,
     exponential_moving_average,
     mean_over_samples,
-    reconstruction_difference,
     top_k_for_size,
     top_k_mean_score,
 )
-from anomalib_mdps.components.images import as_rgb_batch
+from anomalib_mdps.components.images import as_rgb_batch, is_tracing
 
-from .sampler import Guidance, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
+from .sampler import Guidance, GuidanceNorm, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
+
+# The backbone sees images whose short side has the paper's 256 px (its 64/32/16 px feature grids).
+BACKBONE_SHORT_SIDE = 256
 
 
 class MdpsOutput(NamedTuple):
@@ -42,26 +47,36 @@ class MdpsModel(nn.Module):
     perceptual difference uses an offline ImageNet EfficientNet-Lite.
 
     Args:
-        image_size: (height, width) the denoiser runs at.
+        image_size: (height, width) the denoiser runs at (``set_image_size`` changes it).
         unet_channels: widths of the UNet levels (one halving between levels).
         layers_per_block: residual blocks per UNet level.
         attention_levels: self-attention per UNet level (default: none).
         num_train_timesteps, beta_start, beta_end: the DDPM training schedule.
         noise_level: T, the level sampling starts from (Algorithm 1).
         num_steps: N, DDIM steps from T to 0.
-        guidance_scale: ρ of eq. 16.
+        guidance_scale: ρ of eq. 16 in the final (masked) pass; the authors' ``w``.
+        mask_guidance_scale: ρ in the first pass (m = 1) that finds the mask; the authors'
+            ``w_mask`` (``None``: ``guidance_scale``).
+        guidance_norm: ``plain`` (‖y − x̂0‖, rescaled so that ρ means the same at every image size
+            and mask area) or ``squared`` (eq. 16 as written); see ``sampler.guidance_objective``.
         ddim_eta: η of the DDIM update (eq. 4); 1 is the paper's σ_t.
         num_samples: N_s posterior samples averaged in eq. 19.
         use_mask: run the second pass with the mask of eq. 20 (``False``: one pass with m = 1).
-        mask_threshold: λ of eq. 20.
-        threshold_mode: ``per_image`` or ``batch`` min/max in eq. 20.
+        mask_threshold: λ of eq. 20 (``per_image`` and ``batch`` modes).
+        threshold_mode: ``normal`` (the ``mask_quantile`` of D̄ on held-out normal training
+            images), ``per_image`` or ``batch`` (min + λ·(max − min) of eq. 20).
+        mask_quantile: quantile of the normal images' first-pass D̄ pixels above which a pixel is
+            masked (``normal`` mode).
+        standardize: divide each term of eq. 18 by its spread on held-out normal images, so
+            that pixel and perceptual terms are balanced by data, not by a hand-set η.
         guidance: ``dps`` (gradient through the UNet) or ``jacobian_free`` (exportable).
         masked_guidance: restrict the guidance residual to the mask region.
         pixel_weight: η of eq. 18 (images in [0, 1], L1 averaged over channels).
         backbone, feature_layers: perceptual network and its stages J of eq. 18.
         feature_pool_size: local averaging of features before the cosine (authors' code: 3).
-        backbone_input_size: resize images to this before the backbone (``None``: image_size);
-            small diffusion resolutions give the backbone too few pixels otherwise.
+        backbone_input_size: resize images to this before the backbone (``None``: the image
+            size scaled to a 256 px short side, keeping the aspect ratio); small diffusion
+            resolutions give the backbone too few pixels otherwise.
         blur_sigma: σ of the Gaussian smoothing of the map, given at 256 px.
         top_k: S of the image score at 256 px; scales with the image area.
         ema_decay: decay of the EMA denoiser used for sampling.
@@ -73,21 +88,25 @@ class MdpsModel(nn.Module):
     def __init__(
         self,
         image_size: Sequence[int] = (64, 64),
-        unet_channels: Sequence[int] = (64, 128, 256),
-        layers_per_block: int = 2,
+        unet_channels: Sequence[int] = (32, 64, 128, 256),
+        layers_per_block: int = 1,
         attention_levels: Sequence[bool] | None = None,
         num_train_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         noise_level: int = 200,
-        num_steps: int = 10,
+        num_steps: int = 5,
         guidance_scale: float = 100.0,
+        mask_guidance_scale: float | None = None,
+        guidance_norm: GuidanceNorm | str = GuidanceNorm.PLAIN,
         ddim_eta: float = 1.0,
-        num_samples: int = 4,
+        num_samples: int = 2,
         use_mask: bool = True,
         mask_threshold: float = 0.5,
-        threshold_mode: ThresholdMode | str = ThresholdMode.PER_IMAGE,
-        guidance: Guidance | str = Guidance.DPS,
+        threshold_mode: ThresholdMode | str = ThresholdMode.NORMAL,
+        mask_quantile: float = 0.99,
+        standardize: bool = True,
+        guidance: Guidance | str = Guidance.JACOBIAN_FREE,
         masked_guidance: bool = True,
         pixel_weight: float = 1.0,
         backbone: str = "tf_efficientnet_lite0",
@@ -96,52 +115,83 @@ class MdpsModel(nn.Module):
         backbone_input_size: Sequence[int] | None = None,
         blur_sigma: float = 4.0,
         top_k: int = 500,
-        ema_decay: float = 0.999,
-        train_max_noise_level: int | None = None,
+        ema_decay: float = 0.995,
+        train_max_noise_level: int | None = 400,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        check_unet_input_size(*self.image_size, unet_channels)
+        self.unet_channels = tuple(unet_channels)
         if not 0 < noise_level <= num_train_timesteps:
             msg = f"noise_level must be in (0, {num_train_timesteps}], got {noise_level}."
             raise ValueError(msg)
         if num_samples < 1:
             msg = f"num_samples must be >= 1, got {num_samples}."
             raise ValueError(msg)
-        self.unet_channels = tuple(unet_channels)
+        if not 0 < mask_quantile < 1:
+            msg = f"mask_quantile must be in (0, 1), got {mask_quantile}."
+            raise ValueError(msg)
         self.noise_level = noise_level
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
+        self.mask_guidance_scale = guidance_scale if mask_guidance_scale is None else mask_guidance_scale
+        self.guidance_norm = GuidanceNorm(guidance_norm)
         self.ddim_eta = ddim_eta
         self.num_samples = num_samples
         self.use_mask = use_mask
         self.mask_threshold = mask_threshold
         self.threshold_mode = ThresholdMode(threshold_mode)
+        self.mask_quantile = mask_quantile
+        self.standardize = standardize
         self.guidance = Guidance(guidance)
         self.masked_guidance = masked_guidance
         self.pixel_weight = pixel_weight
         self.feature_pool_size = feature_pool_size
-        self.backbone_input_size = tuple(backbone_input_size) if backbone_input_size else None
-        self.top_k = top_k_for_size(self.image_size, top_k)
+        self.fixed_backbone_input_size = tuple(int(v) for v in backbone_input_size) if backbone_input_size else None
+        self.top_k_at_256 = top_k
+        self.blur_sigma = blur_sigma
         self.train_max_noise_level = train_max_noise_level
         self.seed = seed
 
         self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.denoiser = build_unet(self.image_size, 3, unet_channels, layers_per_block, attention_levels)
+            self.denoiser = build_unet(tuple(image_size), 3, unet_channels, layers_per_block, attention_levels)
         self.ema_denoiser = exponential_moving_average(self.denoiser, ema_decay)
         self.ema_denoiser.requires_grad_(False)
         self.feature_extractor = FeatureExtractor(backbone, feature_layers)
-        self.blur = anomaly_map_blur(self.image_size, blur_sigma)
         self.register_buffer("sampling_noise", torch.empty(0), persistent=False)
+        self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
+        self.set_image_size(image_size)
+        self._register_load_state_dict_pre_hook(self._resize_to_saved_input)
+        # Normal-image statistics (see ``calibrate``); saved with the weights.
+        self.register_buffer("term_scale", torch.ones(2))  # spread of the pixel and perceptual terms
+        self.register_buffer("normal_mask_threshold", torch.tensor(float("inf")))
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def set_image_size(self, image_size: Sequence[int]) -> None:
+        """Run at ``image_size`` (height, width): the UNet is fully convolutional, so only the
+        size-dependent parts follow (S of the score, the blur, the backbone input, the noise).
+        """
+        size = (int(image_size[0]), int(image_size[1]))
+        check_unet_input_size(*size, self.unet_channels)
+        self.image_size = size
+        self.input_size.copy_(torch.tensor(size))
+        self.top_k = top_k_for_size(size, self.top_k_at_256)
+        self.blur = anomaly_map_blur(size, self.blur_sigma)
+        self.backbone_input_size = self.fixed_backbone_input_size or backbone_size_for(size)
+
+    def _resize_to_saved_input(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        """Weights saved at another size (an aspect-aware run) bring their size with them."""
+        del args, kwargs
+        saved = state_dict.get(f"{prefix}input_size")
+        if saved is not None and saved.numel() == 2 and tuple(saved.tolist()) != self.image_size:
+            self.set_image_size(saved.tolist())
 
     # ----------------------------------------------------------------- training
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """ε-prediction loss (eq. 5) of the denoiser on normal images in [0, 1]."""
         images = self._checked(images)
-        return self.schedule.training_loss(self.denoiser, images * 2 - 1, self.train_max_noise_level)
+        return self.schedule.training_loss(self.denoiser, images * 2 - 1, self.train_max_noise_level, reduction="sum")
 
     def update_ema(self) -> None:
         self.ema_denoiser.update_parameters(self.denoiser)
@@ -155,20 +205,25 @@ class MdpsModel(nn.Module):
     def reconstruct(self, images: torch.Tensor) -> MdpsOutput:
         """Score images in [0, 1]: two MDPS passes (m = 1, then m of eq. 20), maps and scores."""
         images = self._checked(images)
+        self._check_calibrated()
         batch_size = images.shape[0]
         y = (images * 2 - 1).repeat_interleave(self.num_samples, dim=0)
         noise = self.noise_for(images.shape[1:]).repeat(1, batch_size, 1, 1, 1)
         features_y = [f.repeat_interleave(self.num_samples, dim=0) for f in self.features(images)]
 
         mask = torch.ones_like(y[:, :1])
-        samples = self._posterior_samples(y, mask, noise)
+        samples = self._posterior_samples(y, mask, noise, self.mask_guidance_scale)
         difference = self.difference_map(samples, images, features_y)
         if self.use_mask:
-            mask = anomalous_region_mask(difference, self.mask_threshold, self.threshold_mode)
-            samples = self._posterior_samples(y, mask.repeat_interleave(self.num_samples, dim=0), noise)
+            mask = anomalous_region_mask(
+                difference, self.mask_threshold, self.threshold_mode, self.normal_mask_threshold,
+            )
+            samples = self._posterior_samples(
+                y, mask.repeat_interleave(self.num_samples, dim=0), noise, self.guidance_scale,
+            )
             difference = self.difference_map(samples, images, features_y)
         else:
-            mask = mask[::self.num_samples]
+            mask = mask[:: self.num_samples]
         reconstruction = samples[:: self.num_samples]
         return MdpsOutput(
             pred_score=top_k_mean_score(difference, self.top_k),
@@ -177,7 +232,46 @@ class MdpsModel(nn.Module):
             mask=mask,
         )
 
-    def _posterior_samples(self, y: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def calibrate(self, normal_images: torch.Tensor, batch_size: int = 8) -> None:
+        """Measure the eq.-18 terms and the first-pass D̄ on normal images the denoiser never saw.
+
+        ``term_scale``: the standard deviation of the pixel and of the perceptual term over all
+        pixels and samples of the first pass (m = 1), so that ``standardize`` weighs both by
+        their spread on normal data. ``normal_mask_threshold``: the ``mask_quantile`` of the
+        first-pass D̄ over those pixels (``threshold_mode='normal'``). Only normal training
+        images enter: nothing of the test set.
+        """
+        chunks = self._checked(normal_images).split(batch_size)
+        passes = []
+        for chunk in chunks:
+            y = (chunk * 2 - 1).repeat_interleave(self.num_samples, dim=0)
+            noise = self.noise_for(chunk.shape[1:]).repeat(1, chunk.shape[0], 1, 1, 1)
+            samples = self._posterior_samples(y, torch.ones_like(y[:, :1]), noise, self.mask_guidance_scale)
+            passes.append((samples, chunk, [f.repeat_interleave(self.num_samples, dim=0) for f in self.features(chunk)]))
+        pixel = torch.cat([pixel_difference(s, c.repeat_interleave(self.num_samples, dim=0)) for s, c, _ in passes])
+        perceptual = torch.cat([
+            perceptual_difference(self.features(s), f, tuple(c.shape[-2:]), self.feature_pool_size)
+            for s, c, f in passes
+        ])
+        self.term_scale.copy_(torch.stack([pixel.std(), perceptual.std()]).clamp(min=1e-6))
+        self.calibrated.fill_(True)
+        difference = torch.cat([self.difference_map(*first_pass) for first_pass in passes])
+        self.normal_mask_threshold.copy_(_quantile(difference.flatten(), self.mask_quantile))
+
+    def _check_calibrated(self) -> None:
+        needs_statistics = self.standardize or (self.use_mask and self.threshold_mode == ThresholdMode.NORMAL)
+        if needs_statistics and not is_tracing() and not bool(self.calibrated):
+            msg = (
+                "This Mdps model has no normal-image statistics (standardize / threshold_mode='normal'). "
+                "Train it with the Lightning module (it calibrates on held-out training images), call "
+                "MdpsModel.calibrate(normal_images), or set standardize=False and threshold_mode='per_image'."
+            )
+            raise RuntimeError(msg)
+
+    def _posterior_samples(
+        self, y: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, guidance_scale: float,
+    ) -> torch.Tensor:
         """N_s posterior samples per image (Algorithm 1), returned in [0, 1]."""
         samples = masked_posterior_sampling(
             self.ema_denoiser.module,
@@ -187,10 +281,11 @@ class MdpsModel(nn.Module):
             noise,
             noise_level=self.noise_level,
             num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
+            guidance_scale=guidance_scale,
             eta=self.ddim_eta,
             guidance=self.guidance,
             masked_guidance=self.masked_guidance,
+            guidance_norm=self.guidance_norm,
         )
         return ((samples + 1) / 2).clamp(0, 1)
 
@@ -201,14 +296,14 @@ class MdpsModel(nn.Module):
         features_y: list[torch.Tensor],
     ) -> torch.Tensor:
         """D̄ of eq. 19 over the eq.-18 differences of each image's N_s samples, smoothed."""
-        repeated = images.repeat_interleave(self.num_samples, dim=0)
         difference = reconstruction_difference(
             samples,
-            repeated,
+            images.repeat_interleave(self.num_samples, dim=0),
             self.features(samples),
             features_y,
             self.pixel_weight,
             self.feature_pool_size,
+            self.term_scale if self.standardize else None,
         )
         return self.blur(mean_over_samples(difference, self.num_samples))
 
@@ -247,3 +342,18 @@ class MdpsModel(nn.Module):
         images = as_rgb_batch(images)
         check_unet_input_size(images.shape[-2], images.shape[-1], self.unet_channels)
         return images
+
+
+def backbone_size_for(image_size: tuple[int, int]) -> tuple[int, int]:
+    """The image size scaled to a 256 px short side, aspect ratio kept (multiples of 16)."""
+    scale = BACKBONE_SHORT_SIDE / min(image_size)
+    return tuple(max(16, round(side * scale / 16) * 16) for side in image_size)
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile without its 16 M element limit (linear interpolation, as torch's default)."""
+    ordered = values.sort().values
+    position = q * (ordered.numel() - 1)
+    low = int(position)
+    high = min(low + 1, ordered.numel() - 1)
+    return torch.lerp(ordered[low], ordered[high], position - low)

@@ -1,0 +1,171 @@
+"""Mdps ablation: one denoiser per dataset and input size, many inference settings scored on it.
+
+    python -m benchmarks.mdps_ablation --datasets bottle kolektor tire demo --output benchmarks/results/cpu/ablation
+
+Training settings (image size) need their own denoiser; everything else in a row (ρ of each pass,
+guidance norm, λ, standardisation, N_s, steps) changes only sampling and scoring, so each row
+re-runs the normal-image calibration and the test set on the same weights. Metrics are computed
+on raw scores with scikit-learn (image and pixel AUROC) and anomalib's AUPRO (FPR ≤ 0.3), at
+each dataset's original resolution. Nothing of the test set enters calibration.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_mdps.console import hide_library_import_warnings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA = REPO_ROOT.parent / "shared" / "data"
+DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bottle": ("MVTecAD", {"root": DATA / "mvtec_ad", "category": "bottle"}),
+    "kolektor": ("Kolektor", {"root": DATA / "kolektor"}),
+    "tire": ("MVTecAD", {"root": DATA / "mvtec_3d_rgb", "category": "tire"}),
+}
+# (height, width) per input-size setting; "aspect" keeps each dataset's aspect ratio at a 64 px short side.
+SIZES = {"64": {"bottle": (64, 64), "kolektor": (64, 64), "tire": (64, 64), "demo": (64, 64)},
+         "96": {"bottle": (96, 96), "kolektor": (96, 96), "tire": (96, 96), "demo": (96, 96)},
+         "aspect": {"bottle": (64, 64), "kolektor": (160, 64), "tire": (88, 64), "demo": (64, 64)}}
+
+
+def datamodule(name: str, output: Path):
+    from anomalib import data
+
+    if name == "demo":
+        from anomalib_mdps.demo_data import make_demo_dataset
+
+        class_name, args = "MVTecAD", {"root": make_demo_dataset(output / "demo_data"), "category": "demo"}
+    else:
+        class_name, args = DATASETS[name]
+    module = getattr(data, class_name)(
+        **args, train_batch_size=8, eval_batch_size=8, num_workers=0, seed=0,
+    )
+    module.setup()
+    return module
+
+
+def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str, Any]) -> Path:
+    """Fit the denoiser (no validation) and save its weights and held-out calibration images."""
+    from lightning.pytorch import Callback, Trainer
+
+    from anomalib_mdps.models import Mdps
+
+    target = output / f"{name}_{size}.pt"
+    if target.exists():
+        return target
+    model = Mdps(image_size=SIZES[size][name], max_epochs=epochs, visualizer=False, **model_args)
+    module = datamodule(name, output)
+    losses: list[float] = []
+
+    class LossCurve(Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001, ARG002
+            losses.append(float(trainer.callback_metrics["train_loss"]))
+
+    trainer = Trainer(
+        max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        callbacks=[LossCurve()], accelerator="cpu", default_root_dir=output / "runs",
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=module)
+    seconds = time.perf_counter() - start
+    torch.save({"state_dict": model.model.state_dict(), "calibration": model.calibration.stacked("cpu"),
+                "image_size": SIZES[size][name], "train_seconds": seconds, "losses": losses}, target)
+    return target
+
+
+def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -> dict[str, float]:
+    from anomalib.metrics.aupro import _AUPRO
+    from sklearn.metrics import roc_auc_score
+    from torchvision.transforms.v2.functional import resize
+
+    from anomalib_mdps.models.mdps import MdpsModel
+
+    saved = torch.load(weights, weights_only=False)
+    model = MdpsModel(image_size=saved["image_size"], **settings).eval()
+    state = {k: v for k, v in saved["state_dict"].items() if k not in {"term_scale", "normal_mask_threshold", "calibrated"}}
+    model.load_state_dict(state, strict=False)
+    model.calibrate(resize(saved["calibration"], list(saved["image_size"]), antialias=True))
+    scores, labels, maps, masks = [], [], [], []
+    aupro = _AUPRO(fpr_limit=0.3)
+    start, count, evaluation_size = time.perf_counter(), 0, None
+    for batch in datamodule(name, output).test_dataloader():
+        images = resize(batch.image, list(saved["image_size"]), antialias=True)
+        result = model.reconstruct(images)
+        count += images.shape[0]
+        # Pixel metrics at the first test image's resolution (KolektorSDD's sizes vary by a few pixels).
+        evaluation_size = evaluation_size or tuple(batch.gt_mask.shape[-2:])
+        anomaly_map = F.interpolate(result.anomaly_map, size=evaluation_size, mode="bilinear").squeeze(1)
+        gt_mask = F.interpolate(batch.gt_mask.float().unsqueeze(1), size=evaluation_size, mode="nearest").squeeze(1)
+        scores.append(result.pred_score)
+        labels.append(batch.gt_label)
+        maps.append(anomaly_map[:, ::2, ::2].flatten())
+        masks.append(gt_mask[:, ::2, ::2].flatten())
+        aupro.update(anomaly_map, gt_mask.int())
+    seconds = (time.perf_counter() - start) / count
+    return {
+        "image_auroc": roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy()),
+        "pixel_auroc": roc_auc_score(torch.cat(masks).numpy().astype(int), torch.cat(maps).numpy()),
+        "aupro": float(aupro.compute()),
+        "seconds_per_image": seconds,
+    }
+
+
+def write_table(records: list[dict[str, Any]], rows: list[dict[str, Any]], datasets: list[str], target: Path) -> None:
+    """The ablation as a markdown table: a line per row, image / pixel AUROC and AUPRO per dataset."""
+    by_key = {(r["row"], r["dataset"]): r for r in records}
+    header = ["setting"]
+    for name in datasets:
+        header += [f"{name} I-AUROC", f"{name} P-AUROC"] + ([] if name == "demo" else [f"{name} AUPRO"])
+    header += ["s/image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        cells, seconds = [row["name"]], []
+        for name in datasets:
+            record = by_key.get((row["name"], name))
+            keys = ["image_auroc", "pixel_auroc"] + ([] if name == "demo" else ["aupro"])
+            cells += [f"{record[k]:.3f}" if record else "–" for k in keys]
+            if record:
+                seconds.append(record["seconds_per_image"])
+        cells.append(f"{np.mean(seconds):.2f}" if seconds else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    target.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["bottle", "kolektor", "tire", "demo"])
+    parser.add_argument("--rows", type=Path, required=True, help="JSON list of {name, size, settings}")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--train-args", type=json.loads, default={})
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "cpu" / "ablation")
+    args = parser.parse_args()
+    hide_library_import_warnings()
+    torch.set_num_threads(2)
+    args.output.mkdir(parents=True, exist_ok=True)
+    results_file = args.output / "rows.jsonl"
+    done = set()
+    if results_file.exists():
+        done = {(r["row"], r["dataset"]) for r in map(json.loads, results_file.read_text().splitlines())}
+    for row in json.loads(args.rows.read_text()):
+        for name in args.datasets:
+            if (row["name"], name) in done:
+                continue
+            weights = train(name, row.get("size", "64"), args.epochs, args.output, args.train_args)
+            torch.manual_seed(0)
+            metrics = evaluate(name, weights, row.get("settings", {}), args.output)
+            record = {"row": row["name"], "dataset": name, "size": row.get("size", "64"), **metrics}
+            print(json.dumps(record), flush=True)
+            with results_file.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+    records = [json.loads(line) for line in results_file.read_text().splitlines()]
+    write_table(records, json.loads(args.rows.read_text()), args.datasets, args.output / "table.md")
+
+
+if __name__ == "__main__":
+    main()

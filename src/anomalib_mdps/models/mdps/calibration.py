@@ -1,0 +1,62 @@
+"""Normal training images held out of the denoiser's training, for MDPS's normal-image statistics.
+
+The held-out set is a function of the file names alone (a CRC-32 rank), so it is the same on
+every machine, in every run and on every DDP rank, and needs no pass over the data: the images
+are kept as they stream past in the first training epoch.
+"""
+
+import logging
+import zlib
+from pathlib import PurePath
+
+import torch
+from anomalib.data import Batch
+
+logger = logging.getLogger(__name__)
+
+
+def image_key(path: str) -> str:
+    """The last two path components ("good/000.png"): stable across dataset locations."""
+    return "/".join(PurePath(path).parts[-2:])
+
+
+def held_out_keys(paths: list[str], count: int) -> set[str]:
+    """The ``count`` images with the smallest CRC-32 of their key, leaving at least half to train on."""
+    keys = sorted({image_key(path) for path in paths}, key=lambda key: (zlib.crc32(key.encode()), key))
+    return set(keys[: min(count, len(keys) // 2)])
+
+
+class CalibrationHoldout:
+    """Chooses, splits off and keeps the held-out normal images of one training run."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.keys: set[str] = set()
+        self.images: dict[str, torch.Tensor] = {}
+        self.stale = False
+
+    def choose(self, datamodule: object) -> None:
+        """Pick the held-out images among the datamodule's training images."""
+        self.images = {}
+        samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
+        if self.count <= 0 or samples is None or "image_path" not in samples:
+            if self.count > 0:
+                logger.warning("No training image list found: Mdps trains on every image and is not calibrated.")
+            self.keys = set()
+            return
+        self.keys = held_out_keys(list(samples["image_path"]), self.count)
+
+    def split_off(self, batch: Batch) -> torch.Tensor:
+        """The batch's images to train on; held-out ones are kept (once) instead."""
+        paths = batch.image_path
+        if not self.keys or paths is None:
+            return batch.image
+        held = [image_key(path) in self.keys for path in paths]
+        for path, image, is_held in zip(paths, batch.image, held, strict=True):
+            if is_held:
+                self.images.setdefault(image_key(path), image.detach().cpu())
+        keep = torch.tensor([not h for h in held], device=batch.image.device)
+        return batch.image[keep]
+
+    def stacked(self, device: torch.device) -> torch.Tensor:
+        return torch.stack([self.images[key] for key in sorted(self.images)]).to(device)

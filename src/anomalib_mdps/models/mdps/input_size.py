@@ -1,0 +1,47 @@
+"""Aspect-aware input sizes: the short side is given, the long side follows the data."""
+
+from collections.abc import Sequence
+from statistics import median
+
+from PIL import Image, UnidentifiedImageError
+
+from anomalib_mdps.components import unet_downsampling_factor
+
+# The aspect ratio is the median over this many images of the dataset (headers only are read).
+ASPECT_SAMPLE = 32
+
+
+def square(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) from a pair, or (s, s) from a short side ``s`` until the data is seen."""
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    height, width = image_size
+    return (int(height), int(width))
+
+
+def aspect_aware_size(short_side: int, aspect: float, unet_channels: Sequence[int]) -> tuple[int, int]:
+    """(height, width) with ``short_side`` on the shorter axis and height / width ≈ ``aspect``.
+
+    The long side is rounded to a multiple of the UNet's downsampling factor.
+    """
+    factor = unet_downsampling_factor(unet_channels)
+    long_side = max(short_side, round(short_side * max(aspect, 1 / aspect) / factor) * factor)
+    return (long_side, short_side) if aspect >= 1 else (short_side, long_side)
+
+
+def size_for_data(datamodule: object, short_side: int, unet_channels: Sequence[int]) -> tuple[int, int] | None:
+    """The aspect-aware size for a datamodule's training (else test) images; ``None`` if unknown."""
+    for split in ("train_data", "test_data"):
+        samples = getattr(getattr(datamodule, split, None), "samples", None)
+        if samples is None or "image_path" not in samples or len(samples) == 0:
+            continue
+        aspects = []
+        for path in list(samples["image_path"])[:ASPECT_SAMPLE]:
+            try:
+                with Image.open(path) as image:
+                    aspects.append(image.height / image.width)
+            except (OSError, UnidentifiedImageError):
+                continue
+        if aspects:
+            return aspect_aware_size(short_side, median(aspects), unet_channels)
+    return None
