@@ -56,6 +56,8 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
 
     from anomalib_mdps.models import Mdps
 
+    if SIZES[size][name] == SIZES["64"][name]:
+        size = "64"  # the same training run
     target = output / f"{name}_{size}.pt"
     if target.exists():
         return target

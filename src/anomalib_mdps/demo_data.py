@@ -67,7 +67,7 @@ def _defective_part(rng: np.random.Generator, size: int, defect: str) -> tuple[I
     draw = ImageDraw.Draw(mask)
     if defect == "missing_piece":
         angle = rng.uniform(0, 2 * np.pi)
-        depth = rng.uniform(0.07, 0.11)
+        depth = rng.uniform(0.09, 0.13)
         cx = geometry["cx"] + (geometry["outer"] + 0.02) * np.cos(angle)
         cy = geometry["cy"] + (geometry["outer"] + 0.02) * np.sin(angle)
         points = [
@@ -89,11 +89,11 @@ def _defective_part(rng: np.random.Generator, size: int, defect: str) -> tuple[I
         t = np.linspace(0, 1, 12)
         xs = x0 + np.cos(angle) * length * t + bend[0] * np.sin(np.pi * t)
         ys = y0 + np.sin(angle) * length * t + bend[1] * np.sin(np.pi * t)
-        draw.line(list(zip(xs * size, ys * size, strict=True)), fill=255, width=max(2, size // 40))
+        draw.line(list(zip(xs * size, ys * size, strict=True)), fill=255, width=max(2, size // 28))
         colour = (200, 205, 215) if rng.uniform() < 0.5 else (45, 45, 50)
     elif defect == "spot":
         cx, cy = _point_on_metal(rng, geometry, 0.05, 0.06)
-        r = rng.uniform(0.025, 0.045)
+        r = rng.uniform(0.035, 0.055)
         points = [
             ((cx + r * np.cos(a) * rng.uniform(0.7, 1.2)) * size, (cy + r * np.sin(a) * rng.uniform(0.7, 1.2)) * size)
             for a in np.linspace(0, 2 * np.pi, 10)[:-1]
@@ -106,9 +106,9 @@ def _defective_part(rng: np.random.Generator, size: int, defect: str) -> tuple[I
             t = np.linspace(0, 1, 16)
             xs = cx + 0.08 * np.cos(3 * t + rng.uniform(0, 6)) * t
             ys = cy + 0.08 * np.sin(2.5 * t + rng.uniform(0, 6)) * t
-            draw.line(list(zip(xs * size, ys * size, strict=True)), fill=255, width=max(2, size // 48))
+            draw.line(list(zip(xs * size, ys * size, strict=True)), fill=255, width=max(2, size // 32))
         else:
-            r = rng.uniform(0.035, 0.055)
+            r = rng.uniform(0.045, 0.07)
             draw.ellipse(((cx - r) * size, (cy - r * 0.6) * size, (cx + r) * size, (cy + r * 0.6) * size), fill=255)
         colour = (150, 95, 40)
     soft = mask.filter(ImageFilter.GaussianBlur(0.8))
