@@ -1,6 +1,6 @@
 """Mdps ablation: one denoiser per dataset and input size, many inference settings scored on it.
 
-    python -m benchmarks.mdps_ablation --datasets bottle kolektor tire demo --output benchmarks/results/cpu/ablation
+    python -m benchmarks.mdps_ablation --datasets bottle kolektor tire demo --output /tmp/mdps_ablation
 
 Training settings (image size) need their own denoiser; everything else in a row (ρ of each pass,
 guidance norm, λ, standardisation, N_s, steps) changes only sampling and scoring, so each row
@@ -142,10 +142,11 @@ def write_table(records: list[dict[str, Any]], rows: list[dict[str, Any]], datas
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["bottle", "kolektor", "tire", "demo"])
-    parser.add_argument("--rows", type=Path, required=True, help="JSON list of {name, size, settings}")
+    parser.add_argument("--rows", type=Path, default=Path(__file__).with_name("mdps_ablation_rows.json"),
+                        help="JSON list of {name, size, settings}")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--train-args", type=json.loads, default={})
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "cpu" / "ablation")
+    parser.add_argument("--output", type=Path, required=True, help="weights, rows.jsonl and table.md (resumable)")
     args = parser.parse_args()
     hide_library_import_warnings()
     torch.set_num_threads(2)

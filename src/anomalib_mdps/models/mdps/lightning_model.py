@@ -5,7 +5,6 @@ Training fits a DDPM ε-denoiser on normal images; ``forward`` runs Algorithm 1 
 (m = 1, then the mask of eq. 20) and scores the averaged difference map (eqs. 18–19).
 """
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,6 @@ from .sampler import Guidance, GuidanceNorm, ThresholdMode
 from .torch_model import MdpsModel
 
 
-# A batch made only of held-out calibration images has nothing to train on: skipping it is intended.
-warnings.filterwarnings("ignore", message="`training_step` returned `None`", category=UserWarning)
-
-
 class Mdps(DiffusionModuleMixin, AnomalibModule):
     """Masked Diffusion Posterior Sampling.
 
@@ -38,6 +33,7 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         image_size: an integer is the short side, the long side following the training data's
             aspect ratio (a 250 × 630 part runs at 64 × 160, not squashed to 64 × 64); a pair
             (height, width) is used as given.
+        step_batch_size: images per Adam step; a datamodule batch is split into such steps.
         calibration_images: normal training images held out of the denoiser's training (chosen
             by a hash of their file names) on which ``MdpsModel.calibrate`` measures the
             normal-image statistics before validation, test and predict.
@@ -81,6 +77,7 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         train_max_noise_level: int | None = 400,
         seed: int = 0,
         calibration_images: int = 16,
+        step_batch_size: int = 8,
         max_epochs: int = 30,
         learning_rate: float = 5e-4,
         weight_decay: float = 5e-2,
@@ -131,6 +128,9 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         )
         self.short_side = image_size if isinstance(image_size, int) else None
         self.calibration = CalibrationHoldout(calibration_images)
+        self.step_batch_size = step_batch_size
+        # One Adam step per ``step_batch_size`` images, whatever the datamodule's batch size.
+        self.automatic_optimization = False
         self.max_epochs = max_epochs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -162,18 +162,25 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         super().on_fit_start()
         self.calibration.choose(getattr(self.trainer, "datamodule", None))
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor | None:
+    def training_step(self, batch: Batch, *args, **kwargs) -> None:
+        """Adam steps of ``step_batch_size`` images (the paper's batch 8), each followed by the EMA
+        update, so that the training budget of ``max_epochs`` does not depend on the datamodule's
+        batch size (anomalib's default is 32: a quarter of the steps).
+        """
         del args, kwargs
-        images = self.calibration.split_off(batch)
-        if images.shape[0] == 0:
-            return None
-        loss = self.model.training_loss(images)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
-        return loss
+        optimizer = self.optimizers()
+        for images in self.calibration.split_off(batch).split(self.step_batch_size):
+            loss = self.model.training_loss(images)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            self.model.update_ema()
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        self.calibration.stale = True
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:  # noqa: ANN401
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        self.calibration.stale = True
+        """The EMA is updated after each Adam step inside ``training_step``."""
+        del outputs, batch, batch_idx
 
     def on_validation_start(self) -> None:
         self._calibrate_if_stale()
