@@ -73,8 +73,10 @@ def masked_posterior_epsilon(
     return (1 - mask) * epsilon_normal + mask * epsilon_anomalous
 
 
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.dim() - 1)))
+def _plain_norm_scale(residual: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """√(n_m / n_ref) per sample: the factor that makes the plain norm's pull size- and area-free."""
+    elements = region.expand_as(residual).flatten(1).sum(dim=1).detach()
+    return (elements / GUIDANCE_REFERENCE_ELEMENTS).sqrt()
 
 
 def guidance_objective(residual: torch.Tensor, region: torch.Tensor, norm: GuidanceNorm) -> torch.Tensor:
@@ -90,18 +92,16 @@ def guidance_objective(residual: torch.Tensor, region: torch.Tensor, norm: Guida
     energy = residual.pow(2).flatten(1).sum(dim=1)
     if norm == GuidanceNorm.SQUARED:
         return energy
-    elements = region.expand_as(residual).flatten(1).sum(dim=1).detach()
-    return (energy + 1e-12).sqrt() * (elements / GUIDANCE_REFERENCE_ELEMENTS).sqrt()
+    return (energy + 1e-12).sqrt() * _plain_norm_scale(residual, region)
 
 
 def guidance_objective_gradient(residual: torch.Tensor, region: torch.Tensor, norm: GuidanceNorm) -> torch.Tensor:
     """∂L/∂r of :func:`guidance_objective`, in closed form (for the autograd-free guidance)."""
     if norm == GuidanceNorm.SQUARED:
         return 2 * residual
-    energy = residual.pow(2).flatten(1).sum(dim=1)
-    elements = region.expand_as(residual).flatten(1).sum(dim=1)
-    scale = (elements / GUIDANCE_REFERENCE_ELEMENTS).sqrt() / (energy + 1e-12).sqrt()
-    return _per_sample(scale, residual) * residual
+    norm_value = (residual.pow(2).flatten(1).sum(dim=1) + 1e-12).sqrt()
+    scale = _plain_norm_scale(residual, region) / norm_value
+    return scale.view(-1, *([1] * (residual.dim() - 1))) * residual
 
 
 def likelihood_gradient(
@@ -123,7 +123,7 @@ def likelihood_gradient(
     if guidance == Guidance.JACOBIAN_FREE:
         epsilon = denoiser(x_t, timestep)
         residual = region * (y - predicted_clean_image(x_t, epsilon, alpha_bar_t))
-        return epsilon, -region * guidance_objective_gradient(residual, region, norm) / alpha_bar_t.sqrt()
+        return epsilon, -guidance_objective_gradient(residual, region, norm) / alpha_bar_t.sqrt()
     if torch.is_inference_mode_enabled():
         msg = (
             "DPS guidance differentiates through the denoiser and cannot run under torch.inference_mode(). "

@@ -206,13 +206,8 @@ class MdpsModel(nn.Module):
         """Score images in [0, 1]: two MDPS passes (m = 1, then m of eq. 20), maps and scores."""
         images = self._checked(images)
         self._check_calibrated()
-        batch_size = images.shape[0]
-        y = (images * 2 - 1).repeat_interleave(self.num_samples, dim=0)
-        noise = self.noise_for(images.shape[1:]).repeat(1, batch_size, 1, 1, 1)
-        features_y = [f.repeat_interleave(self.num_samples, dim=0) for f in self.features(images)]
-
+        y, noise, features_y, samples = self._first_pass(images)
         mask = torch.ones_like(y[:, :1])
-        samples = self._posterior_samples(y, mask, noise, self.mask_guidance_scale)
         difference = self.difference_map(samples, images, features_y)
         if self.use_mask:
             mask = anomalous_region_mask(
@@ -242,13 +237,10 @@ class MdpsModel(nn.Module):
         first-pass D̄ over those pixels (``threshold_mode='normal'``). Only normal training
         images enter: nothing of the test set.
         """
-        chunks = self._checked(normal_images).split(batch_size)
         passes = []
-        for chunk in chunks:
-            y = (chunk * 2 - 1).repeat_interleave(self.num_samples, dim=0)
-            noise = self.noise_for(chunk.shape[1:]).repeat(1, chunk.shape[0], 1, 1, 1)
-            samples = self._posterior_samples(y, torch.ones_like(y[:, :1]), noise, self.mask_guidance_scale)
-            passes.append((samples, chunk, [f.repeat_interleave(self.num_samples, dim=0) for f in self.features(chunk)]))
+        for chunk in self._checked(normal_images).split(batch_size):
+            _, _, features_y, samples = self._first_pass(chunk)
+            passes.append((samples, chunk, features_y))
         pixel = torch.cat([pixel_difference(s, c.repeat_interleave(self.num_samples, dim=0)) for s, c, _ in passes])
         perceptual = torch.cat([
             perceptual_difference(self.features(s), f, tuple(c.shape[-2:]), self.feature_pool_size)
@@ -258,6 +250,16 @@ class MdpsModel(nn.Module):
         self.calibrated.fill_(True)
         difference = torch.cat([self.difference_map(*first_pass) for first_pass in passes])
         self.normal_mask_threshold.copy_(_quantile(difference.flatten(), self.mask_quantile))
+
+    def _first_pass(
+        self, images: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """y, the sampling noise and y's features repeated N_s times, and the m = 1 posterior samples."""
+        y = (images * 2 - 1).repeat_interleave(self.num_samples, dim=0)
+        noise = self.noise_for(images.shape[1:]).repeat(1, images.shape[0], 1, 1, 1)
+        features_y = [f.repeat_interleave(self.num_samples, dim=0) for f in self.features(images)]
+        samples = self._posterior_samples(y, torch.ones_like(y[:, :1]), noise, self.mask_guidance_scale)
+        return y, noise, features_y, samples
 
     def _check_calibrated(self) -> None:
         needs_statistics = self.standardize or (self.use_mask and self.threshold_mode == ThresholdMode.NORMAL)
