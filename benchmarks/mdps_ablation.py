@@ -76,7 +76,7 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
     start = time.perf_counter()
     trainer.fit(model, datamodule=module)
     seconds = time.perf_counter() - start
-    torch.save({"state_dict": model.model.state_dict(), "calibration": model.calibration.stacked("cpu"),
+    torch.save({"state_dict": model.model.state_dict(), "calibration": model.held_out_images().cpu(),
                 "image_size": SIZES[size][name], "train_seconds": seconds, "losses": losses}, target)
     return target
 

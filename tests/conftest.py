@@ -51,9 +51,13 @@ def cli_metrics(cli) -> dict[str, float]:  # noqa: ANN001
     return {name: float(value) for name, value in cli.engine.trainer.callback_metrics.items()}
 
 
-# Exported graphs against eager torch: absolute tolerances on anomaly maps and image scores.
-EXPORT_MAP_TOLERANCE = 1e-4
-EXPORT_SCORE_TOLERANCE = 1e-5
+# Exported graphs against eager torch, judged on what a user sees and sized to float32 (eps 1.2e-7)
+# times the ~1e3 operations of an unrolled sampler: scores to a relative 1e-4, maps by their most
+# anomalous pixels and by the overall deviation relative to each map's range.
+EXPORT_SCORE_RTOL = 1e-4
+EXPORT_MAP_RANGE_FRACTION = 1e-3
+EXPORT_TOP_PIXEL_FRACTION = 0.01
+EXPORT_TOP_PIXEL_OVERLAP = 0.9
 
 
 def onnx_runtime_outputs(onnx_path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -75,11 +79,24 @@ def openvino_f32_outputs(model_path: Path, images: torch.Tensor) -> dict[str, np
 
 
 def assert_export_parity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
-    """``outputs`` match ``reference`` (eager torch) in ``anomaly_map`` and ``pred_score``."""
-    np.testing.assert_allclose(np.asarray(outputs["anomaly_map"]).reshape(reference["anomaly_map"].shape),
-                               reference["anomaly_map"], atol=EXPORT_MAP_TOLERANCE, rtol=0)
-    np.testing.assert_allclose(np.asarray(outputs["pred_score"]).reshape(-1), reference["pred_score"].reshape(-1),
-                               atol=EXPORT_SCORE_TOLERANCE, rtol=0)
+    """``outputs`` match ``reference`` (eager torch) where a user looks.
+
+    Image scores agree to ``EXPORT_SCORE_RTOL`` and rank the images alike; each anomaly map shares
+    at least 90 % of its top 1 % pixels with the reference and deviates by at most 1e-3 of its range.
+    """
+    scores = np.asarray(outputs["pred_score"], dtype=np.float64).reshape(-1)
+    reference_scores = np.asarray(reference["pred_score"], dtype=np.float64).reshape(-1)
+    np.testing.assert_allclose(scores, reference_scores, rtol=EXPORT_SCORE_RTOL, atol=1e-7)
+    np.testing.assert_array_equal(np.argsort(scores, kind="stable"), np.argsort(reference_scores, kind="stable"))
+    reference_maps = np.asarray(reference["anomaly_map"], dtype=np.float64)
+    maps = np.asarray(outputs["anomaly_map"], dtype=np.float64).reshape(reference_maps.shape)
+    for index, (exported, eager) in enumerate(zip(maps.reshape(len(maps), -1), reference_maps.reshape(len(maps), -1),
+                                                  strict=True)):
+        span = max(float(np.ptp(eager)), 1e-12)
+        assert np.abs(exported - eager).max() <= EXPORT_MAP_RANGE_FRACTION * span, f"map {index} deviates"
+        k = max(10, round(EXPORT_TOP_PIXEL_FRACTION * eager.size))
+        shared = np.intersect1d(np.argpartition(-exported, k)[:k], np.argpartition(-eager, k)[:k]).size
+        assert shared >= EXPORT_TOP_PIXEL_OVERLAP * k, f"map {index}: {shared} of its top {k} pixels agree"
 
 
 def numpy_outputs(output) -> dict[str, np.ndarray]:  # noqa: ANN001

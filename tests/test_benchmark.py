@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT))  # `benchmarks` lives beside src/, at the repository root
 
 from benchmarks.profiles import ProfileError, folder_dataset_entry, load_profile, pipeline_arguments
-from benchmarks.report import PLOT_PNG, RESULTS_CSV, RESULTS_MD, merge_results, write_reports
+from benchmarks.report import PIXEL_PLOT_PNG, PLOT_PNG, RESULTS_CSV, RESULTS_MD, merge_results, write_reports
 
 TABLE_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Score")
 
@@ -49,7 +49,8 @@ def test_smoke_profile_end_to_end(mvtec_root: Path, tmp_path: Path) -> None:
     table = (tmp_path / RESULTS_MD).read_text(encoding="utf-8")
     for model in models:
         assert f"| {model} | bottle |" in table
-    assert (tmp_path / PLOT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in (PLOT_PNG, PIXEL_PLOT_PNG):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_failed_job_fails_the_command_and_shows_the_error(tmp_path: Path) -> None:

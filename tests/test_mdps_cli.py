@@ -6,12 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from anomalib.cli import AnomalibCLI
 from PIL import Image
 
 from conftest import REPO_ROOT, cli_metrics
 
 SMOKE = str(REPO_ROOT / "configs" / "mdps_smoke.yaml")
+# The smoke preset (6 epochs at 32 px) scored image / pixel AUROC 0.932 / 0.801 on bottle here; the
+# floors leave a margin for other CPUs' rounding and sit far above an inverted map or a constant score.
+SMOKE_FLOORS = {"image_AUROC": 0.8, "pixel_AUROC": 0.7}
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -19,8 +23,12 @@ def test_cli_train_then_test_from_checkpoint(mvtec_root: Path, tmp_path: Path) -
     common = ["--config", SMOKE, "--data.root", str(mvtec_root), "--default_root_dir", str(tmp_path)]
     trained = AnomalibCLI(["train", *common])
     metrics = cli_metrics(trained)
-    for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
-        assert 0.0 <= metrics[name] <= 1.0, name
+    for name, floor in SMOKE_FLOORS.items():
+        assert metrics[name] >= floor, (name, metrics[name])
+    predictions = trained.engine.predict(model=trained.model, dataloaders=trained.datamodule.test_dataloader())
+    scores = torch.cat([batch.pred_score for batch in predictions])
+    labels = torch.cat([batch.gt_label for batch in predictions]).bool()
+    assert scores[labels].mean() > scores[~labels].mean()
 
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))
     assert checkpoints, "training saved no checkpoint"

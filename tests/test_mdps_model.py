@@ -198,3 +198,20 @@ def test_mdps_trains_on_the_per_image_sum_of_eq_5(tiny_mdps_model) -> None:
     torch.manual_seed(0)
     mean = model.schedule.training_loss(model.denoiser, images * 2 - 1, model.train_max_noise_level, reduction="mean")
     torch.testing.assert_close(loss, mean * 3 * 32 * 32, rtol=1e-5, atol=0)
+
+
+def test_a_batch_of_held_out_images_only_trains_on_nothing_and_ddp_ranks_stay_in_step() -> None:
+    from anomalib.data import ImageBatch
+
+    from anomalib_mdps.models import Mdps
+
+    model = Mdps(image_size=32, unet_channels=(32, 64), step_batch_size=2, calibration_images=1,
+                 evaluator=False, visualizer=False)
+    model.calibration.keys = {"good/000.png"}
+    images = torch.rand(3, 3, 32, 32)
+    held_out_only = ImageBatch(image=images[:1], image_path=["/data/good/000.png"])
+    assert model.adam_steps(held_out_only) == []
+    assert [chunk.shape[0] for chunk in model.adam_steps(held_out_only, world_size=2)] == [0]
+    mixed = ImageBatch(image=images, image_path=["/d/good/000.png", "/d/good/001.png", "/d/good/002.png"])
+    assert [chunk.shape[0] for chunk in model.adam_steps(mixed)] == [2]
+    assert [chunk.shape[0] for chunk in model.adam_steps(mixed, world_size=2)] == [2, 0]

@@ -183,6 +183,29 @@ def test_jacobian_free_equals_dps_when_epsilon_does_not_depend_on_x(schedule: No
     torch.testing.assert_close(free, dps, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("guidance", list(Guidance))
+def test_masked_guidance_ignores_the_residual_outside_the_mask(schedule: NoiseSchedule, guidance: Guidance) -> None:
+    """With a pixel-wise denoiser, what happens inside the mask depends on y inside the mask only."""
+    y, noise = _inputs(batch=1, steps=4)
+    elsewhere = y.clone()
+    elsewhere[..., 4:] = -elsewhere[..., 4:]
+    mask = torch.zeros_like(y[:, :1])
+    mask[..., :4] = 1
+
+    def pixelwise_denoiser(x: torch.Tensor, timestep: int) -> torch.Tensor:
+        return torch.tanh(0.7 * x + 0.001 * timestep)
+
+    def inside(observation: torch.Tensor, masked: bool) -> torch.Tensor:
+        x0 = masked_posterior_sampling(
+            pixelwise_denoiser, schedule.alpha_bar, observation, mask, noise, noise_level=100, num_steps=4,
+            guidance_scale=2000.0, guidance=guidance, masked_guidance=masked,
+        )
+        return x0[..., :4]
+
+    torch.testing.assert_close(inside(y, masked=True), inside(elsewhere, masked=True), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(inside(y, masked=False), inside(elsewhere, masked=False), rtol=1e-3, atol=1e-4)
+
+
 def test_eq_16_scales_the_gradient_by_rho_and_the_noise_level() -> None:
     prior, gradient = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     alpha_bar = torch.tensor(0.64)
@@ -214,3 +237,22 @@ def test_training_loss_sums_over_pixels_as_eq_5(schedule: NoiseSchedule) -> None
     summed = schedule.training_loss(denoiser, x0, generator=torch.Generator().manual_seed(0))
     mean = schedule.training_loss(denoiser, x0, generator=torch.Generator().manual_seed(0), reduction="mean")
     torch.testing.assert_close(summed, mean * 3 * 8 * 8, rtol=1e-5, atol=0)
+
+
+def test_training_input_at_level_t_is_diffusers_add_noise_at_index_t_minus_1(schedule: NoiseSchedule) -> None:
+    from diffusers import DDPMScheduler
+
+    seen = {}
+
+    def recording_denoiser(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        seen["x_t"], seen["timestep"] = x, timestep
+        return torch.zeros_like(x)
+
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    schedule.training_loss(recording_denoiser, x0, generator=torch.Generator().manual_seed(9))
+    replay = torch.Generator().manual_seed(9)
+    levels = torch.randint(1, schedule.num_train_timesteps + 1, (4,), generator=replay)
+    noise = torch.randn(x0.shape, generator=replay)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    torch.testing.assert_close(seen["timestep"], levels - 1)
+    torch.testing.assert_close(seen["x_t"], scheduler.add_noise(x0, noise, levels - 1), rtol=1e-5, atol=1e-6)

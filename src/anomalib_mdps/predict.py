@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"model file {args.weights} not found")
     if not args.images.is_dir():
         parser.error(f"image folder {args.images} not found")
-    failures = predict_folder(args.weights, args.images, args.output, args.device)
+    try:
+        failures = predict_folder(args.weights, args.images, args.output, args.device)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     print(f"Scores and heatmaps: {args.output.resolve()}")
     for path, reason in failures:
         print(f"FAILED {path}: {reason}", file=sys.stderr)

@@ -9,6 +9,8 @@ from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Resize
 
+from anomalib_mdps.data_checks import check_dataset_images, refuse_dataset_download
+from anomalib_mdps.post_processing import RankPreservingPostProcessor
 from anomalib_mdps.visualization import ReconstructionVisualizer
 
 
@@ -30,10 +32,45 @@ class DiffusionModuleMixin:
         del outputs, batch, batch_idx
         self.model.update_ema()
 
+    def configure_callbacks(self) -> Any:  # noqa: ANN401
+        """anomalib's component callbacks. This is also the last model hook Lightning calls before the
+        datamodule's ``prepare_data``, so a missing dataset is refused here rather than downloaded.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            refuse_dataset_download(datamodule)
+        return super().configure_callbacks()
+
+    def setup(self, stage: str) -> None:
+        """Unreadable image files are named before training or scoring starts."""
+        super().setup(stage)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            check_dataset_images(datamodule)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint whose weights are not this model's is refused in words, not a key dump."""
+        own = {key for key in self.state_dict() if key.startswith("model.")}
+        saved = {key for key in checkpoint.get("state_dict", {}) if key.startswith("model.")}
+        missing, unknown = sorted(own - saved), sorted(saved - own)
+        if missing or unknown:
+            msg = (
+                f"This checkpoint does not hold a {type(self).__name__} model like this one: {len(missing)} of its "
+                f"{len(own)} weights are missing (e.g. {missing[:2]}) and {len(unknown)} are unknown (e.g. "
+                f"{unknown[:2]}). Was it saved by another model class or with other architecture arguments?"
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize only: the models normalise internally (diffusion in [-1, 1], ImageNet for backbones)."""
         return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
+
+    @staticmethod
+    def configure_post_processor() -> RankPreservingPostProcessor:
+        """anomalib's post-processor, normalising without ties (see ``post_processing``)."""
+        return RankPreservingPostProcessor()
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

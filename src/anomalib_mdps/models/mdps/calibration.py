@@ -1,12 +1,13 @@
 """Normal training images held out of the denoiser's training, for MDPS's normal-image statistics.
 
 The held-out set is a function of the file names alone (a CRC-32 rank), so it is the same on
-every machine, in every run and on every DDP rank, and needs no pass over the data: the images
-are kept as they stream past in the first training epoch.
+every machine, in every run and on every DDP rank. The images are read from the training dataset
+when training starts, so that every rank holds all of them, not only those of its own shard.
 """
 
 import logging
 import zlib
+from collections.abc import Callable
 from pathlib import PurePath
 
 import torch
@@ -36,27 +37,30 @@ class CalibrationHoldout:
         self.stale = False
 
     def choose(self, datamodule: object) -> None:
-        """Pick the held-out images among the datamodule's training images."""
+        """Pick the held-out images among the datamodule's training images and read them."""
         self.images = {}
-        samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
+        dataset = getattr(datamodule, "train_data", None)
+        samples = getattr(dataset, "samples", None)
         if self.count <= 0 or samples is None or "image_path" not in samples:
             if self.count > 0:
                 logger.warning("No training image list found: Mdps trains on every image and is not calibrated.")
             self.keys = set()
             return
-        self.keys = held_out_keys(list(samples["image_path"]), self.count)
+        paths = list(samples["image_path"])
+        self.keys = held_out_keys(paths, self.count)
+        for index, path in enumerate(paths):
+            key = image_key(path)
+            if key in self.keys and key not in self.images:
+                self.images[key] = dataset[index].image
 
     def split_off(self, batch: Batch) -> torch.Tensor:
-        """The batch's images to train on; held-out ones are kept (once) instead."""
+        """The batch's images to train on: all but the held-out ones."""
         paths = batch.image_path
         if not self.keys or paths is None:
             return batch.image
-        held = [image_key(path) in self.keys for path in paths]
-        for path, image, is_held in zip(paths, batch.image, held, strict=True):
-            if is_held:
-                self.images.setdefault(image_key(path), image.detach().cpu())
-        keep = torch.tensor([not h for h in held], device=batch.image.device)
+        keep = torch.tensor([image_key(path) not in self.keys for path in paths], device=batch.image.device)
         return batch.image[keep]
 
-    def stacked(self, device: torch.device) -> torch.Tensor:
-        return torch.stack([self.images[key] for key in sorted(self.images)]).to(device)
+    def stacked(self, transform: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The held-out images in key order, each through ``transform`` (the model's resize)."""
+        return torch.stack([transform(self.images[key]) for key in sorted(self.images)]).to(device)

@@ -5,6 +5,7 @@ Training fits a DDPM ε-denoiser on normal images; ``forward`` runs Algorithm 1 
 (m = 1, then the mask of eq. 20) and scores the averaged difference map (eqs. 18–19).
 """
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -169,14 +170,32 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         """
         del args, kwargs
         optimizer = self.optimizers()
-        for images in self.calibration.split_off(batch).split(self.step_batch_size):
-            loss = self.model.training_loss(images)
+        for images in self.adam_steps(batch, self.trainer.world_size):
+            if images.shape[0]:
+                loss = self.model.training_loss(images)
+            else:  # a DDP rank whose images of this step were all held out: a zero gradient, in step
+                loss = sum(parameter.sum() for parameter in self.model.denoiser.parameters()) * 0.0
             optimizer.zero_grad()
             self.manual_backward(loss)
             optimizer.step()
             self.model.update_ema()
-            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+            if images.shape[0]:
+                self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         self.calibration.stale = True
+
+    def adam_steps(self, batch: Batch, world_size: int = 1) -> list[torch.Tensor]:
+        """The batch's training images (held-out ones removed) in chunks of ``step_batch_size``.
+
+        Under DDP (``world_size`` > 1) every rank must run as many gradient all-reduces as the
+        others, so the chunk count follows the batch as loaded (equal on all ranks), padded with
+        empty chunks, not what is left after the held-out images.
+        """
+        # A batch of held-out images only leaves nothing to train on (split gives one empty chunk).
+        chunks = [chunk for chunk in self.calibration.split_off(batch).split(self.step_batch_size) if len(chunk)]
+        if world_size > 1:
+            steps = math.ceil(batch.image.shape[0] / self.step_batch_size)
+            chunks += [batch.image[:0]] * (steps - len(chunks))
+        return chunks
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:  # noqa: ANN401
         """The EMA is updated after each Adam step inside ``training_step``."""
@@ -194,8 +213,13 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
     def _calibrate_if_stale(self) -> None:
         """Normal-image statistics for the weights as they are now (eq. 18 scales, eq. 20 threshold)."""
         if self.calibration.stale and len(self.calibration.images):
-            self.model.calibrate(self.calibration.stacked(self.device))
+            self.model.calibrate(self.held_out_images())
         self.calibration.stale = False
+
+    def held_out_images(self) -> torch.Tensor:
+        """The held-out normal images as the pre-processor hands images to the model (resized)."""
+        transform = getattr(self.pre_processor, "transform", None) or (lambda image: image)
+        return self.calibration.stacked(transform, self.device)
 
     def score_batch(self, batch: Batch) -> Batch:
         output = self.model.reconstruct(batch.image)

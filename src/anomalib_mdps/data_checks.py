@@ -1,0 +1,66 @@
+"""Clear, early errors for datasets that are missing or hold unreadable files.
+
+anomalib's datamodules (MVTecAD, Kolektor, VisA, ...) download a dataset that is not under their
+``root`` in ``prepare_data``: gigabytes from the internet, or a bare ``URLError`` offline. This
+plugin runs offline, so for its models a missing dataset is an error that says where to put it.
+"""
+
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A datamodule's data is not on disk, and this plugin does not download it."""
+
+
+def refuse_dataset_download(datamodule: object) -> None:
+    """Make ``datamodule.prepare_data`` raise a clear error where it would download."""
+    module = sys.modules.get(type(datamodule).__module__)
+    if module is None or not hasattr(module, "download_and_extract"):
+        return
+    name = type(datamodule).__name__
+    category = getattr(datamodule, "category", None)
+
+    def refuse(root: Path, *args: object, **kwargs: object) -> NoReturn:
+        del args, kwargs
+        where = Path(root) / category if category else Path(root)
+        msg = (
+            f"{name} data not found at {where}. anomalib-mdps never downloads data: put the dataset "
+            f"there or point --data.root at it."
+        )
+        raise DatasetNotFoundError(msg)
+
+    module.download_and_extract = refuse
+
+
+class UnreadableImageError(OSError):
+    """Files of a dataset that cannot be read as images."""
+
+
+def check_dataset_images(datamodule: object, shown: int = 5) -> None:
+    """Raise, naming the files, if any image of the datamodule's datasets cannot be read.
+
+    anomalib reads images lazily in the data loader, where a corrupt file ends training with a
+    decoder message that does not name it ("Truncated File Read"). Checking every file's structure
+    (PIL's ``verify``: headers and chunk checksums, no decoding) costs milliseconds per image.
+    """
+    from PIL import Image
+
+    paths = []
+    for split in ("train_data", "val_data", "test_data"):
+        samples = getattr(getattr(datamodule, split, None), "samples", None)
+        if samples is not None and "image_path" in samples:
+            paths += list(samples["image_path"])
+    unreadable = []
+    for path in dict.fromkeys(paths):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+            unreadable.append(f"{path} ({type(error).__name__}: {error})")
+    if unreadable:
+        more = f" and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
+        msg = f"Cannot read {len(unreadable)} image file(s): " + "; ".join(unreadable[:shown]) + more
+        msg += ". Replace or remove them."
+        raise UnreadableImageError(msg)
