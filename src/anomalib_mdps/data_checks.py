@@ -1,4 +1,5 @@
-"""Clear, early errors for datasets that are missing or hold unreadable files.
+"""What the plugin reads from anomalib datamodules: their image lists, and clear, early errors for
+datasets that are missing or hold unreadable files.
 
 anomalib's datamodules (MVTecAD, Kolektor, VisA, ...) download a dataset that is not under their
 ``root`` in ``prepare_data``: gigabytes from the internet, or a bare ``URLError`` offline. This
@@ -8,6 +9,14 @@ plugin runs offline, so for its models a missing dataset is an error that says w
 import sys
 from pathlib import Path
 from typing import NoReturn
+
+
+def split_image_paths(datamodule: object, split: str) -> list[str]:
+    """The image paths of a datamodule's ``split`` dataset ("train_data", "test_data", ...); [] if none."""
+    samples = getattr(getattr(datamodule, split, None), "samples", None)
+    if samples is None or "image_path" not in samples:
+        return []
+    return list(samples["image_path"])
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -38,8 +47,12 @@ class UnreadableImageError(OSError):
     """Files of a dataset that cannot be read as images."""
 
 
-def check_dataset_images(datamodule: object, shown: int = 5) -> None:
-    """Raise, naming the files, if any image of the datamodule's datasets cannot be read.
+# The datasets each Lightning stage reads.
+STAGE_SPLITS = {"fit": ("train_data", "val_data"), "validate": ("val_data",), "test": ("test_data",)}
+
+
+def check_dataset_images(datamodule: object, stage: str, shown: int = 5) -> None:
+    """Raise, naming the files, if any image of the datasets ``stage`` reads cannot be read.
 
     anomalib reads images lazily in the data loader, where a corrupt file ends training with a
     decoder message that does not name it ("Truncated File Read"). Checking every file's structure
@@ -47,11 +60,7 @@ def check_dataset_images(datamodule: object, shown: int = 5) -> None:
     """
     from PIL import Image
 
-    paths = []
-    for split in ("train_data", "val_data", "test_data"):
-        samples = getattr(getattr(datamodule, split, None), "samples", None)
-        if samples is not None and "image_path" in samples:
-            paths += list(samples["image_path"])
+    paths = [path for split in STAGE_SPLITS.get(stage, ()) for path in split_image_paths(datamodule, split)]
     unreadable = []
     for path in dict.fromkeys(paths):
         try:

@@ -9,6 +9,7 @@ from .difference import (
     perceptual_difference,
     pixel_difference,
     reconstruction_difference,
+    weighted_terms,
     top_k_mean_score,
     top_k_for_size,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "predicted_clean_image",
     "pixel_difference",
     "reconstruction_difference",
+    "weighted_terms",
     "top_k_for_size",
     "top_k_mean_score",
     "unet_downsampling_factor",

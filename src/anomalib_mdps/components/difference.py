@@ -73,6 +73,13 @@ def reconstruction_difference(
     """
     pixel = pixel_difference(x0, y)
     perceptual = perceptual_difference(features_x0, features_y, tuple(y.shape[-2:]), pool_size)
+    return weighted_terms(pixel, perceptual, pixel_weight, term_scale)
+
+
+def weighted_terms(
+    pixel: torch.Tensor, perceptual: torch.Tensor, pixel_weight: float, term_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """η·pixel + perceptual, the sum of eq. 18, each term first divided by ``term_scale`` when given."""
     if term_scale is not None:
         pixel, perceptual = pixel / term_scale[0], perceptual / term_scale[1]
     return pixel_weight * pixel + perceptual

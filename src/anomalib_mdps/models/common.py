@@ -32,21 +32,24 @@ class DiffusionModuleMixin:
         del outputs, batch, batch_idx
         self.model.update_ema()
 
+    @property
+    def attached_datamodule(self) -> object | None:
+        """The trainer's datamodule, or ``None`` (no trainer, or dataloaders passed directly)."""
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
     def configure_callbacks(self) -> Any:  # noqa: ANN401
         """anomalib's component callbacks. This is also the last model hook Lightning calls before the
         datamodule's ``prepare_data``, so a missing dataset is refused here rather than downloaded.
         """
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            refuse_dataset_download(datamodule)
+        if self.attached_datamodule is not None:
+            refuse_dataset_download(self.attached_datamodule)
         return super().configure_callbacks()
 
     def setup(self, stage: str) -> None:
-        """Unreadable image files are named before training or scoring starts."""
+        """Unreadable image files of the stage's datasets are named before it starts."""
         super().setup(stage)
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            check_dataset_images(datamodule)
+        if self.attached_datamodule is not None:
+            check_dataset_images(self.attached_datamodule, stage)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint whose weights are not this model's is refused in words, not a key dump."""
@@ -65,7 +68,7 @@ class DiffusionModuleMixin:
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize only: the models normalise internally (diffusion in [-1, 1], ImageNet for backbones)."""
-        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
+        return PreProcessor(transform=resize_transform(image_size or (256, 256)))
 
     @staticmethod
     def configure_post_processor() -> RankPreservingPostProcessor:
@@ -114,3 +117,8 @@ class DiffusionModuleMixin:
             "inference_mode": False,
             "gradient_clip_val": gradient_clip_val,
         }
+
+
+def resize_transform(image_size: tuple[int, int]) -> Compose:
+    """The models' whole pre-processing: an antialiased resize to (height, width)."""
+    return Compose([Resize(image_size, antialias=True)])

@@ -13,6 +13,8 @@ from pathlib import PurePath
 import torch
 from anomalib.data import Batch
 
+from anomalib_mdps.data_checks import split_image_paths
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,14 +41,13 @@ class CalibrationHoldout:
     def choose(self, datamodule: object) -> None:
         """Pick the held-out images among the datamodule's training images and read them."""
         self.images = {}
-        dataset = getattr(datamodule, "train_data", None)
-        samples = getattr(dataset, "samples", None)
-        if self.count <= 0 or samples is None or "image_path" not in samples:
+        paths = split_image_paths(datamodule, "train_data")
+        if self.count <= 0 or not paths:
             if self.count > 0:
                 logger.warning("No training image list found: Mdps trains on every image and is not calibrated.")
             self.keys = set()
             return
-        paths = list(samples["image_path"])
+        dataset = datamodule.train_data
         self.keys = held_out_keys(paths, self.count)
         for index, path in enumerate(paths):
             key = image_key(path)

@@ -6,6 +6,7 @@ from statistics import median
 from PIL import Image, UnidentifiedImageError
 
 from anomalib_mdps.components import unet_downsampling_factor
+from anomalib_mdps.data_checks import split_image_paths
 
 # The aspect ratio is the median over this many images of the dataset (headers only are read).
 ASPECT_SAMPLE = 32
@@ -32,11 +33,8 @@ def aspect_aware_size(short_side: int, aspect: float, unet_channels: Sequence[in
 def size_for_data(datamodule: object, short_side: int, unet_channels: Sequence[int]) -> tuple[int, int] | None:
     """The aspect-aware size for a datamodule's training (else test) images; ``None`` if unknown."""
     for split in ("train_data", "test_data"):
-        samples = getattr(getattr(datamodule, split, None), "samples", None)
-        if samples is None or "image_path" not in samples or len(samples) == 0:
-            continue
         aspects = []
-        for path in list(samples["image_path"])[:ASPECT_SAMPLE]:
+        for path in split_image_paths(datamodule, split)[:ASPECT_SAMPLE]:
             try:
                 with Image.open(path) as image:
                     aspects.append(image.height / image.width)

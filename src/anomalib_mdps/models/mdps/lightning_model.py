@@ -15,9 +15,8 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing.utils.transform import get_exportable_transform
-from torchvision.transforms.v2 import Compose, Resize
 
-from anomalib_mdps.models.common import DiffusionModuleMixin
+from anomalib_mdps.models.common import DiffusionModuleMixin, resize_transform
 
 from .calibration import CalibrationHoldout
 from .input_size import size_for_data, square
@@ -153,15 +152,15 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         super().setup(stage)
         if self.short_side is None or self.pre_processor is None:
             return
-        size = size_for_data(getattr(self.trainer, "datamodule", None), self.short_side, self.model.unet_channels)
+        size = size_for_data(self.attached_datamodule, self.short_side, self.model.unet_channels)
         if size is not None and size != self.model.image_size:
             self.model.set_image_size(size)
-            self.pre_processor.transform = Compose([Resize(size, antialias=True)])
+            self.pre_processor.transform = resize_transform(size)
             self.pre_processor.export_transform = get_exportable_transform(self.pre_processor.transform)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self.calibration.choose(getattr(self.trainer, "datamodule", None))
+        self.calibration.choose(self.attached_datamodule)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> None:
         """Adam steps of ``step_batch_size`` images (the paper's batch 8), each followed by the EMA

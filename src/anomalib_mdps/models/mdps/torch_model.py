@@ -11,17 +11,18 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.components import (
     FeatureExtractor,
-    perceptual_difference,
-    pixel_difference,
-    reconstruction_difference,
     NoiseSchedule,
     anomaly_map_blur,
     build_unet,
     check_unet_input_size,
     exponential_moving_average,
     mean_over_samples,
+    perceptual_difference,
+    pixel_difference,
+    reconstruction_difference,
     top_k_for_size,
     top_k_mean_score,
+    weighted_terms,
 )
 from anomalib_mdps.components.images import as_rgb_batch, is_tracing
 
@@ -237,18 +238,17 @@ class MdpsModel(nn.Module):
         first-pass D̄ over those pixels (``threshold_mode='normal'``). Only normal training
         images enter: nothing of the test set.
         """
-        passes = []
+        pixel, perceptual = [], []
         for chunk in self._checked(normal_images).split(batch_size):
             _, _, features_y, samples = self._first_pass(chunk)
-            passes.append((samples, chunk, features_y))
-        pixel = torch.cat([pixel_difference(s, c.repeat_interleave(self.num_samples, dim=0)) for s, c, _ in passes])
-        perceptual = torch.cat([
-            perceptual_difference(self.features(s), f, tuple(c.shape[-2:]), self.feature_pool_size)
-            for s, c, f in passes
-        ])
+            pixel.append(pixel_difference(samples, chunk.repeat_interleave(self.num_samples, dim=0)))
+            perceptual.append(
+                perceptual_difference(self.features(samples), features_y, tuple(chunk.shape[-2:]), self.feature_pool_size),
+            )
+        pixel, perceptual = torch.cat(pixel), torch.cat(perceptual)
         self.term_scale.copy_(torch.stack([pixel.std(), perceptual.std()]).clamp(min=1e-6))
         self.calibrated.fill_(True)
-        difference = torch.cat([self.difference_map(*first_pass) for first_pass in passes])
+        difference = self._smoothed_mean(weighted_terms(pixel, perceptual, self.pixel_weight, self._term_scale()))
         self.normal_mask_threshold.copy_(_quantile(difference.flatten(), self.mask_quantile))
 
     def _first_pass(
@@ -305,8 +305,15 @@ class MdpsModel(nn.Module):
             features_y,
             self.pixel_weight,
             self.feature_pool_size,
-            self.term_scale if self.standardize else None,
+            self._term_scale(),
         )
+        return self._smoothed_mean(difference)
+
+    def _term_scale(self) -> torch.Tensor | None:
+        return self.term_scale if self.standardize else None
+
+    def _smoothed_mean(self, difference: torch.Tensor) -> torch.Tensor:
+        """D̄ of eq. 19 (the mean over each image's N_s samples), smoothed."""
         return self.blur(mean_over_samples(difference, self.num_samples))
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
