@@ -118,6 +118,14 @@ def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -
     }
 
 
+def read_rows(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The settings every row pins (so that a later change of ``MdpsModel``'s defaults cannot change a
+    row), and the rows. A bare list (older files) pins nothing.
+    """
+    content = json.loads(path.read_text())
+    return ({}, content) if isinstance(content, list) else (content["pinned"], content["rows"])
+
+
 def write_table(records: list[dict[str, Any]], rows: list[dict[str, Any]], datasets: list[str], target: Path) -> None:
     """The ablation as a markdown table: a line per row, image / pixel AUROC and AUPRO per dataset."""
     by_key = {(r["row"], r["dataset"]): r for r in records}
@@ -142,8 +150,8 @@ def write_table(records: list[dict[str, Any]], rows: list[dict[str, Any]], datas
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["bottle", "kolektor", "tire", "demo"])
-    parser.add_argument("--rows", type=Path, default=Path(__file__).with_name("mdps_ablation_rows.json"),
-                        help="JSON list of {name, size, settings}")
+    parser.add_argument("--rows", type=Path, default=Path(__file__).with_name("mdps_ablation_pinned.json"),
+                        help="JSON {pinned: settings of every row, rows: [{name, size, settings, datasets?}]}")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--train-args", type=json.loads, default={})
     parser.add_argument("--output", type=Path, required=True, help="weights, rows.jsonl and table.md (resumable)")
@@ -155,19 +163,20 @@ def main() -> None:
     done = set()
     if results_file.exists():
         done = {(r["row"], r["dataset"]) for r in map(json.loads, results_file.read_text().splitlines())}
-    for row in json.loads(args.rows.read_text()):
+    pinned, rows = read_rows(args.rows)
+    for row in rows:
         for name in args.datasets:
-            if (row["name"], name) in done:
+            if (row["name"], name) in done or name not in row.get("datasets", args.datasets):
                 continue
             weights = train(name, row.get("size", "64"), args.epochs, args.output, args.train_args)
             torch.manual_seed(0)
-            metrics = evaluate(name, weights, row.get("settings", {}), args.output)
+            metrics = evaluate(name, weights, {**pinned, **row.get("settings", {})}, args.output)
             record = {"row": row["name"], "dataset": name, "size": row.get("size", "64"), **metrics}
             print(json.dumps(record), flush=True)
             with results_file.open("a") as file:
                 file.write(json.dumps(record) + "\n")
     records = [json.loads(line) for line in results_file.read_text().splitlines()]
-    write_table(records, json.loads(args.rows.read_text()), args.datasets, args.output / "table.md")
+    write_table(records, rows, args.datasets, args.output / "table.md")
 
 
 if __name__ == "__main__":

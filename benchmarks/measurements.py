@@ -4,7 +4,10 @@
   which creates ties and can move AUROC. :class:`RawOutputRecorder` copies each test batch's raw
   ``pred_score`` and ``anomaly_map`` before the post-processor sees them, and
   :func:`raw_metrics` computes AUROC/AUPRO on those, cross-checked against scikit-learn.
-- Latency: wall time of each test batch (pre-processing + model), batch size 1, after warm-up.
+- Latency: wall time of each validation batch (pre-processing + model), batch size 1, after
+  warm-up: the first time a model scores images. (The plugin's models reuse validation scores
+  in a test pass over the same images, so test batches would time a lookup.) Test batches
+  when a model has no validation pass.
 - Training time: Lightning's fit minus the time it spends scoring validation images.
 - Peak RSS: the job's own process (each job runs in a fresh process, see ``runner.py``).
 """
@@ -38,23 +41,32 @@ def _synchronize(module: LightningModule) -> None:
 
 
 class ValidationTimer(Callback):
-    """Seconds ``fit`` spends scoring validation images (anomalib validates for thresholds).
+    """Seconds ``fit`` spends scoring validation images (anomalib validates for thresholds), and
+    per image after ``warmup_images``.
 
     Timed per batch: memory-bank models (PatchCore, PaDiM) fit their memory bank in
     ``on_validation_start``, and that is training, not validation.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warmup_images: int = 3) -> None:
+        self.warmup_images = warmup_images
         self.seconds = 0.0
+        self.seconds_per_image: list[float] = []
+        self._images_seen = 0
         self._started = 0.0
 
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
         _synchronize(pl_module)
         self._started = time.perf_counter()
 
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, *args, **kwargs) -> None:
         _synchronize(pl_module)
-        self.seconds += time.perf_counter() - self._started
+        elapsed = time.perf_counter() - self._started
+        self.seconds += elapsed
+        batch_size = len(outputs.image)
+        if self._images_seen >= self.warmup_images:
+            self.seconds_per_image.append(elapsed / batch_size)
+        self._images_seen += batch_size
 
 
 class RawOutputRecorder(Callback):
@@ -108,9 +120,12 @@ class RawOutputRecorder(Callback):
             self.maps.append(values[:, 0].cpu().clone())
             self.masks.append(mask)
 
-    @property
-    def median_ms_per_image(self) -> float:
-        return 1000 * statistics.median(self.seconds_per_image) if self.seconds_per_image else float("nan")
+
+
+def median_ms_per_image(validation: ValidationTimer, recorder: "RawOutputRecorder") -> tuple[float, int]:
+    """Median latency and the number of images it is over: validation batches, else test batches."""
+    seconds = validation.seconds_per_image or recorder.seconds_per_image
+    return (1000 * statistics.median(seconds) if seconds else float("nan")), len(seconds)
 
 
 def _unit_interval(values: torch.Tensor) -> torch.Tensor:

@@ -216,3 +216,22 @@ def test_onnx_and_openvino_exports_match_eager(tmp_path: Path) -> None:
         eager = numpy_outputs(model(images))
     assert_export_parity(onnx_runtime_outputs(onnx_path, images), eager)
     assert_export_parity(openvino_f32_outputs(onnx_path, images), eager)
+
+
+def test_an_integer_image_size_follows_the_data_aspect_and_survives_the_checkpoint(tmp_path: Path) -> None:
+    from test_bad_input import _folder_dataset
+
+    root = _folder_dataset(tmp_path / "parts", (70, 170), normal=6, defective=2)
+    common = [
+        "--config", SMOKE, "--model.image_size", "64", "--model.max_epochs", "1", "--data", "anomalib.data.Folder",
+        "--data.name", "parts", "--data.root", str(root), "--data.normal_dir", "good", "--data.abnormal_dir", "defect",
+        "--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--data.num_workers", "0",
+        "--default_root_dir", str(tmp_path / "results"),
+    ]
+    trained = AnomalibCLI(["train", *common])
+    assert trained.model.model.image_size == (64, 160)  # 170 / 70 of 64, in multiples of 32
+    assert tuple(trained.model.pre_processor.transform.transforms[0].size) == (64, 160)
+    checkpoint = sorted(tmp_path.rglob("*.ckpt"))[-1]
+    tested = AnomalibCLI(["test", *common, "--ckpt_path", str(checkpoint)])
+    assert tested.model.model.image_size == (64, 160)
+    assert cli_metrics(tested)["image_AUROC"] == pytest.approx(cli_metrics(trained)["image_AUROC"], abs=1e-6)

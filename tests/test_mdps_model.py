@@ -168,13 +168,14 @@ def test_held_out_calibration_images_depend_on_names_only() -> None:
 
 
 def test_aspect_aware_size_keeps_the_short_side_and_follows_the_aspect_ratio() -> None:
-    from anomalib_mdps.models.mdps.input_size import aspect_aware_size
+    from anomalib_mdps.models.input_size import aspect_aware_size
 
-    channels = (32, 64, 128, 256)  # multiples of 8
-    assert aspect_aware_size(64, 630 / 250, channels) == (160, 64)  # KolektorSDD, portrait
-    assert aspect_aware_size(64, 256 / 192, channels) == (88, 64)  # MVTec 3D tire
-    assert aspect_aware_size(64, 0.5, channels) == (64, 128)  # landscape
-    assert aspect_aware_size(64, 1.0, channels) == (64, 64)
+    factor = 8  # a UNet with channels (32, 64, 128, 256)
+    assert aspect_aware_size(64, 630 / 250, factor) == (160, 64)  # KolektorSDD, portrait
+    assert aspect_aware_size(64, 256 / 192, factor) == (88, 64)  # MVTec 3D tire
+    assert aspect_aware_size(64, 0.5, factor) == (64, 128)  # landscape
+    assert aspect_aware_size(64, 1.0, factor) == (64, 64)
+    assert aspect_aware_size(256, 630 / 250, 32) == (640, 256)  # InvAD: stride-16 grid, 2x denoiser
 
 
 def test_weights_saved_at_another_size_restore_it(tiny_mdps_model) -> None:

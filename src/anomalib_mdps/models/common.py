@@ -7,9 +7,12 @@ import torch
 from anomalib.data import Batch
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.pre_processing import PreProcessor
+from anomalib.pre_processing.utils.transform import get_exportable_transform
 from torchvision.transforms.v2 import Compose, Resize
 
 from anomalib_mdps.data_checks import check_dataset_images, refuse_dataset_download
+from anomalib_mdps.models.input_size import size_for_data
+from anomalib_mdps.models.score_memo import SCORE_FIELDS, ScoreMemo
 from anomalib_mdps.post_processing import RankPreservingPostProcessor
 from anomalib_mdps.visualization import ReconstructionVisualizer
 
@@ -18,8 +21,15 @@ class DiffusionModuleMixin:
     """Defaults of the plugin's anomalib modules.
 
     Models implement ``score_batch(batch) -> batch``; validation, test and predict all use it.
-    Their torch models keep an EMA denoiser, updated after every training batch.
+    A test pass over images the last validation pass scored, with the model unchanged since,
+    reuses those scores (see ``score_memo``). Their torch models keep an EMA denoiser.
     """
+
+    @property
+    def score_memo(self) -> ScoreMemo:
+        if "_score_memo" not in vars(self):
+            self._score_memo = ScoreMemo()
+        return self._score_memo
 
     def on_fit_start(self) -> None:
         """Seed torch's global generator from the model's seed: it orders the training batches and
@@ -46,10 +56,23 @@ class DiffusionModuleMixin:
         return super().configure_callbacks()
 
     def setup(self, stage: str) -> None:
-        """Unreadable image files of the stage's datasets are named before it starts."""
+        """Unreadable image files of the stage's datasets are named before it starts; a model
+        given a short side (``short_side``) follows the data's aspect ratio.
+        """
         super().setup(stage)
         if self.attached_datamodule is not None:
             check_dataset_images(self.attached_datamodule, stage)
+            self.follow_data_aspect()
+
+    def follow_data_aspect(self) -> None:
+        """Aspect-aware input: ``short_side`` on the short axis, the long one as the data's."""
+        if getattr(self, "short_side", None) is None or self.pre_processor is None:
+            return
+        size = size_for_data(self.attached_datamodule, self.short_side, self.model.size_factor)
+        if size is not None and size != self.model.image_size:
+            self.model.set_image_size(size)
+            self.pre_processor.transform = resize_transform(size)
+            self.pre_processor.export_transform = get_exportable_transform(self.pre_processor.transform)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint whose weights are not this model's is refused in words, not a key dump."""
@@ -92,13 +115,29 @@ class DiffusionModuleMixin:
     def configure_visualizer(cls) -> ReconstructionVisualizer:
         return ReconstructionVisualizer()
 
+    def on_validation_epoch_start(self) -> None:
+        self.score_memo.clear()
+
     def validation_step(self, batch: Batch, *args, **kwargs) -> Batch:
         del args, kwargs
-        return self.score_batch(batch)
+        batch = self.score_batch(batch)
+        outputs = {name: getattr(batch, name) for name in SCORE_FIELDS if getattr(batch, name, None) is not None}
+        self.score_memo.remember(self.model, batch.image, outputs)
+        return batch
 
     def test_step(self, batch: Batch, *args, **kwargs) -> Batch:
         del args, kwargs
-        return self.score_batch(batch)
+        outputs = self.score_memo.recall(self.model, batch.image)
+        if outputs is None:
+            return self.score_batch(batch)
+        reconstruction = outputs.pop("reconstruction", None)
+        batch.update(**outputs)
+        if reconstruction is not None:
+            batch.reconstruction = reconstruction
+        return batch
+
+    def on_test_end(self) -> None:
+        self.score_memo.clear()
 
     def predict_step(self, batch: Batch, *args, **kwargs) -> Batch:
         del args, kwargs

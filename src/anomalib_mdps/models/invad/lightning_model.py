@@ -17,6 +17,7 @@ from anomalib.models.components import AnomalibModule
 from lightning.pytorch.trainer.states import TrainerFn
 
 from anomalib_mdps.models.common import DiffusionModuleMixin
+from anomalib_mdps.models.input_size import square
 
 from .torch_model import InvADModel
 
@@ -30,6 +31,8 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
     batches, see ``DiffusionModuleMixin.on_fit_start``) plus:
 
     Args:
+        image_size: an integer is the short side, the long side following the training data's
+            aspect ratio (a 250 × 630 part runs at 256 × 640); a pair (height, width) is used as given.
         max_epochs: training epochs of the denoiser (carried into the trainer arguments).
         learning_rate, weight_decay: AdamW settings.
         cache_features: keep each training image's backbone features after their first use;
@@ -40,7 +43,7 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
 
     def __init__(
         self,
-        image_size: Sequence[int] = (256, 256),
+        image_size: int | Sequence[int] = 256,
         backbone: str = "tf_efficientnet_lite0",
         feature_layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
         feature_neighbourhood: int = 1,
@@ -64,13 +67,13 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
         visualizer: Any = True,  # noqa: ANN401
     ) -> None:
         super().__init__(
-            pre_processor=self.configure_pre_processor(tuple(image_size)) if pre_processor is True else pre_processor,
+            pre_processor=self.configure_pre_processor(square(image_size)) if pre_processor is True else pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
             visualizer=visualizer,
         )
         self.model = InvADModel(
-            image_size=image_size,
+            image_size=square(image_size),
             backbone=backbone,
             feature_layers=feature_layers,
             feature_neighbourhood=feature_neighbourhood,
@@ -85,6 +88,7 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
             ema_decay=ema_decay,
             seed=seed,
         )
+        self.short_side = image_size if isinstance(image_size, int) else None
         self.max_epochs = max_epochs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay

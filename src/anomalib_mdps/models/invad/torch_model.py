@@ -175,7 +175,6 @@ class InvADModel(nn.Module):
         if not 1 <= num_steps <= noise_level:
             msg = f"num_steps must be in [1, noise_level={noise_level}], got {num_steps}."
             raise ValueError(msg)
-        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.noise_level = noise_level
         self.num_steps = num_steps
         self.spatial_weight = spatial_weight
@@ -187,16 +186,10 @@ class InvADModel(nn.Module):
         self.grid_stride = max(self.feature_extractor.strides)
         self.denoiser_factor = unet_downsampling_factor(denoiser_channels)
         self.minimum_image_side = self.grid_stride * self.denoiser_factor
-        self._check_image_size(*self.image_size)
-        self.grid_size = (self.image_size[0] // self.grid_stride, self.image_size[1] // self.grid_stride)
-        if self.grid_size[0] % self.denoiser_factor or self.grid_size[1] % self.denoiser_factor:
-            multiple = self.grid_stride * self.denoiser_factor
-            msg = (
-                f"image_size {self.image_size} gives a {self.grid_size[0]}x{self.grid_size[1]} feature grid that the "
-                f"denoiser's {len(denoiser_channels) - 1} downsampling stages cannot halve evenly: use an image "
-                f"size that is a multiple of {multiple}."
-            )
-            raise ValueError(msg)
+        self.blur_sigma = blur_sigma
+        self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
+        self.set_image_size(image_size)
+        self._register_load_state_dict_pre_hook(self._resize_to_saved_input)
         self.feature_channels = sum(self.feature_extractor.channels)
 
         self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end)
@@ -211,10 +204,6 @@ class InvADModel(nn.Module):
             )
         self.ema_denoiser = exponential_moving_average(self.denoiser, ema_decay)
         self.ema_denoiser.requires_grad_(False)
-        # The map holds no detail finer than its grid: blurring it at a quarter of the image size
-        # and then interpolating matches blurring at full size at a fraction of the cost.
-        self.blur_size = (max(self.image_size[0] // 4, 1), max(self.image_size[1] // 4, 1))
-        self.blur = anomaly_map_blur(self.blur_size, blur_sigma)
         self._training_generator: torch.Generator | None = None
 
         # Statistics of normal training data, saved with the checkpoint so that a reloaded model
@@ -226,6 +215,39 @@ class InvADModel(nn.Module):
         self.register_buffer("score_std", torch.ones(2))
         self.register_buffer("feature_statistics_fitted", torch.tensor(False))
         self.register_buffer("score_statistics_fitted", torch.tensor(False))
+
+    @property
+    def size_factor(self) -> int:
+        """Image sides must be multiples of this (backbone stride times the denoiser's downsampling)."""
+        return self.minimum_image_side
+
+    def set_image_size(self, image_size: Sequence[int]) -> None:
+        """Run at ``image_size`` (height, width): the denoiser is convolutional, so only the feature
+        grid and the map's smoothing follow.
+        """
+        size = (int(image_size[0]), int(image_size[1]))
+        self._check_image_size(*size)
+        grid_size = (size[0] // self.grid_stride, size[1] // self.grid_stride)
+        if grid_size[0] % self.denoiser_factor or grid_size[1] % self.denoiser_factor:
+            msg = (
+                f"image_size {size} gives a {grid_size[0]}x{grid_size[1]} feature grid that the denoiser's "
+                f"{self.denoiser_factor}x downsampling cannot halve evenly: use an image size that is a multiple "
+                f"of {self.size_factor}."
+            )
+            raise ValueError(msg)
+        self.image_size, self.grid_size = size, grid_size
+        self.input_size.copy_(torch.tensor(size))
+        # The map holds no detail finer than its grid: blurring it at a quarter of the image size
+        # and then interpolating matches blurring at full size at a fraction of the cost.
+        self.blur_size = (max(size[0] // 4, 1), max(size[1] // 4, 1))
+        self.blur = anomaly_map_blur(self.blur_size, self.blur_sigma)
+
+    def _resize_to_saved_input(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        """Weights saved at another size (an aspect-aware run) bring their size with them."""
+        del args, kwargs
+        saved = state_dict.get(f"{prefix}input_size")
+        if saved is not None and saved.numel() == 2 and tuple(saved.tolist()) != self.image_size:
+            self.set_image_size(saved.tolist())
 
     # ----------------------------------------------------------------- features
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,11 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule
-from anomalib.pre_processing.utils.transform import get_exportable_transform
 
-from anomalib_mdps.models.common import DiffusionModuleMixin, resize_transform
+from anomalib_mdps.models.common import DiffusionModuleMixin
+from anomalib_mdps.models.input_size import square
 
 from .calibration import CalibrationHoldout
-from .input_size import size_for_data, square
 from .sampler import Guidance, GuidanceNorm, ThresholdMode
 from .torch_model import MdpsModel
 
@@ -146,17 +145,6 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
             lr=self.learning_rate,
             weight_decay=self.weight_decay,
         )
-
-    def setup(self, stage: str) -> None:
-        """Aspect-aware input: with an integer ``image_size``, follow the data's aspect ratio."""
-        super().setup(stage)
-        if self.short_side is None or self.pre_processor is None:
-            return
-        size = size_for_data(self.attached_datamodule, self.short_side, self.model.unet_channels)
-        if size is not None and size != self.model.image_size:
-            self.model.set_image_size(size)
-            self.pre_processor.transform = resize_transform(size)
-            self.pre_processor.export_transform = get_exportable_transform(self.pre_processor.transform)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -22,6 +22,7 @@ from anomalib_mdps.components import (
     reconstruction_difference,
     top_k_for_size,
     top_k_mean_score,
+    unet_downsampling_factor,
     weighted_terms,
 )
 from anomalib_mdps.components.images import as_rgb_batch, is_tracing
@@ -180,6 +181,11 @@ class MdpsModel(nn.Module):
         self.top_k = top_k_for_size(size, self.top_k_at_256)
         self.blur = anomaly_map_blur(size, self.blur_sigma)
         self.backbone_input_size = self.fixed_backbone_input_size or backbone_size_for(size)
+
+    @property
+    def size_factor(self) -> int:
+        """Image sides must be multiples of this (the UNet's downsampling)."""
+        return unet_downsampling_factor(self.unet_channels)
 
     def _resize_to_saved_input(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         """Weights saved at another size (an aspect-aware run) bring their size with them."""

@@ -5,7 +5,6 @@ from statistics import median
 
 from PIL import Image, UnidentifiedImageError
 
-from anomalib_mdps.components import unet_downsampling_factor
 from anomalib_mdps.data_checks import split_image_paths
 
 # The aspect ratio is the median over this many images of the dataset (headers only are read).
@@ -20,17 +19,16 @@ def square(image_size: int | Sequence[int]) -> tuple[int, int]:
     return (int(height), int(width))
 
 
-def aspect_aware_size(short_side: int, aspect: float, unet_channels: Sequence[int]) -> tuple[int, int]:
+def aspect_aware_size(short_side: int, aspect: float, factor: int) -> tuple[int, int]:
     """(height, width) with ``short_side`` on the shorter axis and height / width ≈ ``aspect``.
 
-    The long side is rounded to a multiple of the UNet's downsampling factor.
+    The long side is rounded to a multiple of ``factor`` (what the model's networks can halve).
     """
-    factor = unet_downsampling_factor(unet_channels)
     long_side = max(short_side, round(short_side * max(aspect, 1 / aspect) / factor) * factor)
     return (long_side, short_side) if aspect >= 1 else (short_side, long_side)
 
 
-def size_for_data(datamodule: object, short_side: int, unet_channels: Sequence[int]) -> tuple[int, int] | None:
+def size_for_data(datamodule: object, short_side: int, factor: int) -> tuple[int, int] | None:
     """The aspect-aware size for a datamodule's training (else test) images; ``None`` if unknown."""
     for split in ("train_data", "test_data"):
         aspects = []
@@ -41,5 +39,5 @@ def size_for_data(datamodule: object, short_side: int, unet_channels: Sequence[i
             except (OSError, UnidentifiedImageError):
                 continue
         if aspects:
-            return aspect_aware_size(short_side, median(aspects), unet_channels)
+            return aspect_aware_size(short_side, median(aspects), factor)
     return None
