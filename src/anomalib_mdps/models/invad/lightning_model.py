@@ -31,8 +31,9 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
     batches, see ``DiffusionModuleMixin.on_fit_start``) plus:
 
     Args:
-        image_size: an integer is the short side, the long side following the training data's
-            aspect ratio (a 250 × 630 part runs at 256 × 640); a pair (height, width) is used as given.
+        image_size: (height, width), or an integer short side with the long side following the
+            training data's aspect ratio (a 250 × 630 part runs at 256 × 640). The default stays
+            square: aspect-aware input measured worse for InvAD on KolektorSDD and tire (README).
         max_epochs: training epochs of the denoiser (carried into the trainer arguments).
         learning_rate, weight_decay: AdamW settings.
         cache_features: keep each training image's backbone features after their first use;
@@ -43,7 +44,7 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = 256,
+        image_size: int | Sequence[int] = (256, 256),
         backbone: str = "tf_efficientnet_lite0",
         feature_layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
         feature_neighbourhood: int = 1,
