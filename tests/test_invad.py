@@ -218,6 +218,8 @@ def test_onnx_and_openvino_exports_match_eager(tmp_path: Path) -> None:
     assert_export_parity(openvino_f32_outputs(onnx_path, images), eager)
 
 
+# The folder data set has no masks: anomalib computes its pixel metrics without updates.
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric:UserWarning")
 def test_an_integer_image_size_follows_the_data_aspect_and_survives_the_checkpoint(tmp_path: Path) -> None:
     from test_bad_input import _folder_dataset
 
