@@ -40,6 +40,20 @@ def _synchronize(module: LightningModule) -> None:
         torch.cuda.synchronize(module.device)
 
 
+class PerImageSeconds(list):
+    """Per-image seconds of timed batches, leaving out the first ``warmup_images`` images."""
+
+    def __init__(self, warmup_images: int) -> None:
+        super().__init__()
+        self.warmup_images = warmup_images
+        self._images_seen = 0
+
+    def add(self, elapsed: float, batch_size: int) -> None:
+        if self._images_seen >= self.warmup_images:
+            self.append(elapsed / batch_size)
+        self._images_seen += batch_size
+
+
 class ValidationTimer(Callback):
     """Seconds ``fit`` spends scoring validation images (anomalib validates for thresholds), and
     per image after ``warmup_images``.
@@ -49,10 +63,8 @@ class ValidationTimer(Callback):
     """
 
     def __init__(self, warmup_images: int = 3) -> None:
-        self.warmup_images = warmup_images
         self.seconds = 0.0
-        self.seconds_per_image: list[float] = []
-        self._images_seen = 0
+        self.seconds_per_image = PerImageSeconds(warmup_images)
         self._started = 0.0
 
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
@@ -63,10 +75,7 @@ class ValidationTimer(Callback):
         _synchronize(pl_module)
         elapsed = time.perf_counter() - self._started
         self.seconds += elapsed
-        batch_size = len(outputs.image)
-        if self._images_seen >= self.warmup_images:
-            self.seconds_per_image.append(elapsed / batch_size)
-        self._images_seen += batch_size
+        self.seconds_per_image.add(elapsed, len(outputs.image))
 
 
 class RawOutputRecorder(Callback):
@@ -78,13 +87,11 @@ class RawOutputRecorder(Callback):
     """
 
     def __init__(self, warmup_images: int = 3) -> None:
-        self.warmup_images = warmup_images
-        self.seconds_per_image: list[float] = []
+        self.seconds_per_image = PerImageSeconds(warmup_images)
         self.pred_scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.maps: list[torch.Tensor] = []
         self.masks: list[torch.Tensor] = []
-        self._images_seen = 0
         self._started = 0.0
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -100,11 +107,8 @@ class RawOutputRecorder(Callback):
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, *args, **kwargs) -> None:
         _synchronize(pl_module)
-        elapsed = time.perf_counter() - self._started
         batch_size = len(outputs.image)
-        if self._images_seen >= self.warmup_images:
-            self.seconds_per_image.append(elapsed / batch_size)
-        self._images_seen += batch_size
+        self.seconds_per_image.add(time.perf_counter() - self._started, batch_size)
 
         anomaly_map = outputs.anomaly_map
         score = outputs.pred_score
@@ -119,7 +123,6 @@ class RawOutputRecorder(Callback):
                 values = F.interpolate(values, size=mask.shape[-2:], mode="bilinear", align_corners=False)
             self.maps.append(values[:, 0].cpu().clone())
             self.masks.append(mask)
-
 
 
 def median_ms_per_image(validation: ValidationTimer, recorder: "RawOutputRecorder") -> tuple[float, int]:

@@ -4,7 +4,7 @@ A profile is a YAML file in ``benchmarks/profiles/`` (or any path)::
 
     accelerator: cpu          # passed to anomalib's Engine
     seed: 0
-    warmup_images: 3          # test images left out of the latency median
+    warmup_images: 3          # first images left out of the latency median
     torch_threads: 2          # optional: torch.set_num_threads in every job
     data_defaults: {...}      # init args every dataset gets (batch size, workers)
     datasets:

@@ -1,9 +1,12 @@
 """Aspect-aware input sizes: the short side is given, the long side follows the data."""
 
 from collections.abc import Sequence
+from functools import partial
 from statistics import median
 
+import torch
 from PIL import Image, UnidentifiedImageError
+from torch import nn
 
 from anomalib_mdps.data_checks import split_image_paths
 
@@ -41,3 +44,20 @@ def size_for_data(datamodule: object, short_side: int, factor: int) -> tuple[int
         if aspects:
             return aspect_aware_size(short_side, median(aspects), factor)
     return None
+
+
+def track_input_size(model: nn.Module) -> None:
+    """Save ``model``'s (height, width) with its weights (an ``input_size`` buffer, which its
+    ``set_image_size`` keeps up to date), and make weights saved at another size (an aspect-aware
+    run) bring that size with them when loaded.
+    """
+    model.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
+    # A partial of a module-level function, not a closure: exported torch models are pickled.
+    model._register_load_state_dict_pre_hook(partial(_resize_to_saved_input, model))  # noqa: SLF001
+
+
+def _resize_to_saved_input(model: nn.Module, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    del args, kwargs
+    saved = state_dict.get(f"{prefix}input_size")
+    if saved is not None and saved.numel() == 2 and tuple(saved.tolist()) != model.image_size:
+        model.set_image_size(saved.tolist())

@@ -32,6 +32,7 @@ from anomalib_mdps.components import (
     unet_downsampling_factor,
 )
 from anomalib_mdps.components.images import as_rgb_batch
+from anomalib_mdps.models.input_size import track_input_size
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -187,9 +188,8 @@ class InvADModel(nn.Module):
         self.denoiser_factor = unet_downsampling_factor(denoiser_channels)
         self.minimum_image_side = self.grid_stride * self.denoiser_factor
         self.blur_sigma = blur_sigma
-        self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
+        track_input_size(self)
         self.set_image_size(image_size)
-        self._register_load_state_dict_pre_hook(self._resize_to_saved_input)
         self.feature_channels = sum(self.feature_extractor.channels)
 
         self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end)
@@ -241,13 +241,6 @@ class InvADModel(nn.Module):
         # and then interpolating matches blurring at full size at a fraction of the cost.
         self.blur_size = (max(size[0] // 4, 1), max(size[1] // 4, 1))
         self.blur = anomaly_map_blur(self.blur_size, self.blur_sigma)
-
-    def _resize_to_saved_input(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        """Weights saved at another size (an aspect-aware run) bring their size with them."""
-        del args, kwargs
-        saved = state_dict.get(f"{prefix}input_size")
-        if saved is not None and saved.numel() == 2 and tuple(saved.tolist()) != self.image_size:
-            self.set_image_size(saved.tolist())
 
     # ----------------------------------------------------------------- features
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from anomalib_mdps.components import (
     weighted_terms,
 )
 from anomalib_mdps.components.images import as_rgb_batch, is_tracing
+from anomalib_mdps.models.input_size import track_input_size
 
 from .sampler import Guidance, GuidanceNorm, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
 
@@ -162,9 +163,8 @@ class MdpsModel(nn.Module):
         self.ema_denoiser.requires_grad_(False)
         self.feature_extractor = FeatureExtractor(backbone, feature_layers)
         self.register_buffer("sampling_noise", torch.empty(0), persistent=False)
-        self.register_buffer("input_size", torch.zeros(2, dtype=torch.long))
+        track_input_size(self)
         self.set_image_size(image_size)
-        self._register_load_state_dict_pre_hook(self._resize_to_saved_input)
         # Normal-image statistics (see ``calibrate``); saved with the weights.
         self.register_buffer("term_scale", torch.ones(2))  # spread of the pixel and perceptual terms
         self.register_buffer("normal_mask_threshold", torch.tensor(float("inf")))
@@ -186,13 +186,6 @@ class MdpsModel(nn.Module):
     def size_factor(self) -> int:
         """Image sides must be multiples of this (the UNet's downsampling)."""
         return unet_downsampling_factor(self.unet_channels)
-
-    def _resize_to_saved_input(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        """Weights saved at another size (an aspect-aware run) bring their size with them."""
-        del args, kwargs
-        saved = state_dict.get(f"{prefix}input_size")
-        if saved is not None and saved.numel() == 2 and tuple(saved.tolist()) != self.image_size:
-            self.set_image_size(saved.tolist())
 
     # ----------------------------------------------------------------- training
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
