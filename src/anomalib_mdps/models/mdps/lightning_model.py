@@ -23,6 +23,9 @@ from .sampler import Guidance, GuidanceNorm, ThresholdMode
 from .torch_model import MdpsModel
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 class Mdps(DiffusionModuleMixin, AnomalibModule):
     """Masked Diffusion Posterior Sampling.
 
@@ -39,6 +42,8 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         max_epochs: training epochs of the denoiser (carried into the trainer arguments).
         learning_rate, weight_decay: Adam settings (paper: 1e-4 and 5e-2).
         optimizer: ``adam`` (paper) or ``adamw`` (decoupled weight decay).
+        lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate decays to zero over the
+            trainer's epochs (stepped per epoch), so that short CPU runs end on settled weights.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -81,6 +86,7 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         learning_rate: float = 5e-4,
         weight_decay: float = 5e-2,
         optimizer: str = "adam",
+        lr_schedule: str = "constant",
         pre_processor: torch.nn.Module | bool = True,
         post_processor: torch.nn.Module | bool = True,
         evaluator: Any = True,  # noqa: ANN401
@@ -134,17 +140,31 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer
+        if lr_schedule not in LR_SCHEDULES:
+            msg = f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}."
+            raise ValueError(msg)
+        self.lr_schedule = lr_schedule
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:  # noqa: ANN401
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if self.optimizer_name not in optimizers:
             msg = f"optimizer must be one of {sorted(optimizers)}, got {self.optimizer_name!r}."
             raise ValueError(msg)
-        return optimizers[self.optimizer_name](
+        optimizer = optimizers[self.optimizer_name](
             self.model.denoiser.parameters(),
             lr=self.learning_rate,
             weight_decay=self.weight_decay,
         )
+        epochs = self.trainer.max_epochs if self._trainer is not None else self.max_epochs
+        if self.lr_schedule == "constant" or not epochs or epochs < 1:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)}
+
+    def on_train_epoch_end(self) -> None:
+        """Manual optimisation steps its learning-rate schedule itself, once per epoch."""
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
