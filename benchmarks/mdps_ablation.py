@@ -28,10 +28,12 @@ DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
     "kolektor": ("Kolektor", {"root": DATA / "kolektor"}),
     "tire": ("MVTecAD", {"root": DATA / "mvtec_3d_rgb", "category": "tire"}),
 }
-# (height, width) per input-size setting; "aspect" keeps each dataset's aspect ratio at a 64 px short side.
+# (height, width) per input-size setting; "aspect" ("aspect96") keeps each dataset's aspect ratio at a
+# 64 (96) px short side.
 SIZES = {"64": {"bottle": (64, 64), "kolektor": (64, 64), "tire": (64, 64), "demo": (64, 64)},
          "96": {"bottle": (96, 96), "kolektor": (96, 96), "tire": (96, 96), "demo": (96, 96)},
-         "aspect": {"bottle": (64, 64), "kolektor": (160, 64), "tire": (88, 64), "demo": (64, 64)}}
+         "aspect": {"bottle": (64, 64), "kolektor": (160, 64), "tire": (88, 64), "demo": (64, 64)},
+         "aspect96": {"bottle": (96, 96), "kolektor": (240, 96), "tire": (128, 96), "demo": (96, 96)}}
 
 
 def datamodule(name: str, output: Path):
