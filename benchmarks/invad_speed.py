@@ -33,7 +33,7 @@ def _timed(function, inputs, warmup: int, runs: int) -> tuple[list[float], list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `anomalib train --model InvAD`")
-    parser.add_argument("--images", required=True, type=Path, help="folder searched recursively for .png/.jpg images")
+    parser.add_argument("--images", required=True, type=Path, help="folder searched recursively for images")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -43,11 +43,12 @@ def main() -> None:
     from anomalib.data.utils import read_image
 
     from anomalib_mdps.models import InvAD
+    from anomalib_mdps.predict import list_images
 
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
     model = InvAD.load_from_checkpoint(arguments.ckpt, map_location="cpu").eval()
-    paths = sorted(p for p in arguments.images.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    paths = list_images(arguments.images, recursive=True)
     if not paths:
         parser.error(f"no images under {arguments.images}")
     paths = paths[: max(arguments.runs, 1)]

@@ -1,11 +1,15 @@
-"""Export a trained plugin model and time it in each runtime: eager torch, ONNX Runtime, OpenVINO.
+"""Export a trained plugin model and score a test set in each runtime: accuracy, speed, export time.
 
-``python -m benchmarks.runtimes --model Mdps --ckpt PATH --images DIR [--output DIR]``
+``python -m benchmarks.runtimes --model Mdps --ckpt PATH [--dataset bottle] [--output DIR]``
 
-Writes ``runtimes.csv`` and ``runtimes.md`` (export seconds and median ms/image at batch 1
-after warm-up, per runtime) and prints them. All exported graphs use the model's exportable
-variant (for Mdps: guidance without autograd); eager torch is timed on that same variant and,
-for Mdps, also with DPS guidance.
+Runs the dataset's whole test set (from the cpu profile's dataset list) at batch 1 through eager
+torch (the exportable variant; for Mdps, guidance without autograd) as it is, with channels-last
+weights, under bf16 autocast and with the denoiser compiled by ``torch.compile``; then through
+ONNX Runtime, OpenVINO at f32 and at its default precision (bf16 on CPUs that support it), and
+OpenVINO INT8 from NNCF post-training quantisation on training images. Per row: image and pixel
+AUROC on raw scores (anomalib's metric, cross-checked by scikit-learn), median ms/image at batch
+1 after warm-up and at batch 8, and the seconds its export (or compilation) took. Writes
+``<model>_runtimes.{csv,md}`` and prints the table.
 """
 
 import argparse
@@ -14,29 +18,125 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+WARMUP_IMAGES = 2
+QUANTISATION_IMAGES = 16
+BATCH_8_RUNS = 3
 
-def _median_ms(function, inputs: list, warmup: int) -> float:
-    for item in inputs[:warmup]:
-        function(item)
+
+def _datamodule(name: str):
+    """The named dataset of the cpu profile, loading one image per batch."""
+    from anomalib import data
+
+    from benchmarks.profiles import dataset_spec, load_profile
+
+    profile = load_profile("cpu")
+    spec = dataset_spec(name, profile["datasets"][name], profile.get("data_defaults", {}))
+    init_args = {**spec["init_args"], "train_batch_size": 1, "eval_batch_size": 1, "num_workers": 0}
+    module = getattr(data, spec["class_path"])(**init_args)
+    module.setup()
+    return module
+
+
+def _batch_ms(run: Callable, images: list) -> float:
+    """Median ms/image of ``run`` on batches of 8 images, after one warm-up batch."""
+    import torch
+
+    batches = [torch.cat(images[i : i + 8]) for i in range(0, len(images) - 7, 8)][:BATCH_8_RUNS + 1]
     times = []
-    for item in inputs[warmup:]:
+    for batch in batches:
         start = time.perf_counter()
-        function(item)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        run(batch)
+        times.append((time.perf_counter() - start) * 1000 / len(batch))
+    return statistics.median(times[1:])
+
+
+def _score(run: Callable, batches: list) -> tuple[dict[str, float], float]:
+    """Image and pixel AUROC of ``run`` (image tensor → score, map) over ``batches``, and its ms/image."""
+    import torch
+    from torch.nn import functional as F  # noqa: N812
+
+    from benchmarks.measurements import _auroc
+
+    scores, labels, maps, masks, times = [], [], [], [], []
+    for index, (image, label, mask) in enumerate(batches):
+        start = time.perf_counter()
+        score, anomaly_map = run(image)
+        if index >= WARMUP_IMAGES:
+            times.append((time.perf_counter() - start) * 1000)
+        scores.append(torch.as_tensor(score).reshape(-1).double())
+        labels.append(label)
+        # Pixel metrics at the mask's resolution, every second pixel (the ablation's convention).
+        anomaly_map = torch.as_tensor(anomaly_map).reshape(1, 1, *anomaly_map.shape[-2:]).float()
+        maps.append(F.interpolate(anomaly_map, size=mask.shape[-2:], mode="bilinear")[..., ::2, ::2].flatten())
+        masks.append(mask[..., ::2, ::2].flatten())
+    image_auroc, _ = _auroc(torch.cat(scores), torch.cat(labels).int(), "image")
+    pixel_auroc, _ = _auroc(torch.cat(maps), torch.cat(masks).int(), "pixel")
+    return {"image_AUROC": image_auroc, "pixel_AUROC": pixel_auroc}, statistics.median(times)
+
+
+def _write_profile(model, images: list, target: Path) -> None:  # noqa: ANN001
+    """torch.profiler's summary of one image end to end (eager, batch 1, after a warm-up image),
+    with the denoiser's and the backbone's calls labelled, so that their share shows.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    parts = {"denoiser (UNet)": model.model.ema_denoiser.module}
+    if hasattr(model.model, "feature_extractor"):
+        parts["backbone (features)"] = model.model.feature_extractor
+    hooks = []
+    for label, module in parts.items():
+        ranges: list = []
+        hooks.append(module.register_forward_pre_hook(lambda *_, r=ranges, n=label: r.append(record_function(n).__enter__())))
+        hooks.append(module.register_forward_hook(lambda *_, r=ranges: r.pop().__exit__(None, None, None)))
+    model(images[0])
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        model(images[1])
+    for hook in hooks:
+        hook.remove()
+    table = profiler.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=40)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(
+        f"# Profile of one image: eager torch, batch 1, {torch.get_num_threads()} threads\n\n"
+        f"`python -m benchmarks.runtimes` (first step). Sorted by total CPU time (children included).\n\n"
+        f"```\n{table}\n```\n",
+    )
+    print(table, flush=True)
+
+
+@contextmanager
+def _eager_variant(model, variant: str) -> Iterator[float]:  # noqa: ANN001
+    """``model`` set up as ``variant`` for the duration; yields the seconds the set-up took."""
+    import torch
+
+    denoiser_owner = model.model.ema_denoiser
+    original = denoiser_owner.module
+    networks = [original, *([model.model.feature_extractor] if hasattr(model.model, "feature_extractor") else [])]
+    start = time.perf_counter()
+    if variant == "channels-last":
+        for network in networks:
+            network.to(memory_format=torch.channels_last)
+    elif variant == "torch.compile":
+        denoiser_owner.module = torch.compile(original)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
+        yield time.perf_counter() - start
+    denoiser_owner.module = original
+    for network in networks:
+        network.to(memory_format=torch.contiguous_format)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=["Mdps", "InvAD"])
     parser.add_argument("--ckpt", required=True, type=Path)
-    parser.add_argument("--images", required=True, type=Path, help="folder searched recursively for images")
-    parser.add_argument("--count", type=int, default=12, help="images timed per runtime (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dataset", default="bottle", help="a dataset of the cpu profile")
+    parser.add_argument("--skip", nargs="*", default=[], help="leave out rows whose name contains one of these")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/runtimes"))
     arguments = parser.parse_args()
 
@@ -44,55 +144,100 @@ def main() -> None:
     import onnxruntime
     import openvino
     import torch
-    from anomalib.data.utils import read_image
 
     from anomalib_mdps import models
 
     model = getattr(models, arguments.model).load_from_checkpoint(arguments.ckpt, map_location="cpu").eval()
-    paths = sorted(p for p in arguments.images.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})
-    paths = paths[: arguments.count + arguments.warmup]
-    size = tuple(model.model.image_size) if hasattr(model.model, "image_size") else None
-    tensors = [
-        torch.nn.functional.interpolate(read_image(p, as_tensor=True).unsqueeze(0), size=size, mode="bilinear")
-        if size else read_image(p, as_tensor=True).unsqueeze(0)
-        for p in paths
-    ]
+    size = tuple(int(v) for v in model.model.input_size) if hasattr(model.model, "input_size") else None
+    resize = model.pre_processor.transform
+    module = _datamodule(arguments.dataset)
+    batches = [(resize(b.image), b.gt_label, b.gt_mask.bool()) for b in module.test_dataloader()]
+    images = [image for image, _, _ in batches]
     export_root = Path(tempfile.mkdtemp(prefix=f"{arguments.model}_export_"))  # model files stay out of the repo
-    rows = []
+    rows: list[tuple[str, float | None, dict[str, float], float, float]] = []
+
+    failures: list[str] = []
+
+    def add(name: str, setup_seconds: float | None, run: Callable) -> None:
+        if any(word in name for word in arguments.skip):
+            return
+        try:
+            # The first call of a compiled model compiles it: its set-up, not its latency.
+            if name.endswith("torch.compile"):
+                start = time.perf_counter()
+                run(images[0])
+                setup_seconds += time.perf_counter() - start
+            metrics, ms = _score(run, batches)
+            rows.append((name, setup_seconds, metrics, ms, _batch_ms(run, images)))
+        except Exception as error:  # noqa: BLE001  # a runtime that cannot run this model is a result too
+            failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            print(failures[-1], flush=True)
+            return
+        print(f"{name}: {metrics} {ms:.0f} ms/image at batch 1, {rows[-1][-1]:.0f} at batch 8", flush=True)
+
+    def eager(image: torch.Tensor) -> tuple:
+        output = model(image)
+        return output.pred_score.float(), output.anomaly_map.float()
+
+    with torch.no_grad(), getattr(model.model, "exportable", nullcontext)():
+        _write_profile(model, images, arguments.output / f"{arguments.model}_profile.md")
+        for variant in ("f32", "channels-last", "bf16 autocast", "torch.compile"):
+            with _eager_variant(model, variant) as setup_seconds:
+                add(f"eager torch, {variant}", setup_seconds if variant == "torch.compile" else None, eager)
 
     start = time.perf_counter()
     onnx_path = model.to_onnx(export_root, input_size=size)
-    rows.append(("export ONNX", time.perf_counter() - start, None))
+    onnx_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    ov_model = openvino.convert_model(onnx_path)
-    openvino.save_model(ov_model, export_root / "model.xml")
-    rows.append(("convert ONNX → OpenVINO", time.perf_counter() - start, None))
-
-    exportable = getattr(model.model, "exportable", None)
-    with torch.no_grad():
-        if exportable is not None:
-            with exportable():
-                rows.append(("eager torch (exported variant)", None, _median_ms(model, tensors, arguments.warmup)))
-            rows.append(("eager torch (DPS guidance)", None, _median_ms(model, tensors, arguments.warmup)))
-        else:
-            rows.append(("eager torch", None, _median_ms(model, tensors, arguments.warmup)))
+    openvino.save_model(openvino.convert_model(onnx_path), export_root / "model.xml")
+    openvino_seconds = onnx_seconds + time.perf_counter() - start
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    rows.append(("ONNX Runtime", None, _median_ms(lambda x: session.run(None, {"input": x.numpy()}), tensors, arguments.warmup)))
+    names = [output.name for output in session.get_outputs()]
+
+    def onnx_runtime(image: torch.Tensor) -> tuple:
+        outputs = dict(zip(names, session.run(None, {"input": image.numpy()}), strict=True))
+        return outputs["pred_score"], outputs["anomaly_map"]
+
+    add("ONNX Runtime", onnx_seconds, onnx_runtime)
     core = openvino.Core()
-    for precision in ("f32", "default"):
-        config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
+
+    def openvino_runner(compiled) -> Callable:  # noqa: ANN001
+        def run(image: torch.Tensor) -> tuple:
+            outputs = {port.get_any_name(): value for port, value in compiled(np.asarray(image)).items()}
+            return outputs["pred_score"], outputs["anomaly_map"]
+
+        return run
+
+    for precision, config in (("f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("default", {})):
         compiled = core.compile_model(export_root / "model.xml", "CPU", config)
-        rows.append((f"OpenVINO ({precision} precision)", None, _median_ms(lambda x, run=compiled: run(np.asarray(x)), tensors, arguments.warmup)))
+        add(f"OpenVINO, {precision} precision", openvino_seconds, openvino_runner(compiled))
+    if not any(word in "OpenVINO INT8" for word in arguments.skip):
+        import nncf
+
+        start = time.perf_counter()
+        calibration = [resize(b.image).numpy() for b, _ in zip(module.train_dataloader(), range(QUANTISATION_IMAGES))]
+        quantised = nncf.quantize(core.read_model(export_root / "model.xml"), nncf.Dataset(calibration),
+                                  subset_size=len(calibration))
+        int8_seconds = openvino_seconds + time.perf_counter() - start
+        add("OpenVINO INT8 (NNCF post-training)", int8_seconds, openvino_runner(core.compile_model(quantised, "CPU")))
 
     arguments.output.mkdir(parents=True, exist_ok=True)
-    header = f"{arguments.model} from {arguments.ckpt.name}: {len(tensors) - arguments.warmup} images, batch 1, " \
-             f"torch threads {torch.get_num_threads()}, 1-min load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    header = (
+        f"{arguments.model} from {arguments.ckpt.name} on the {arguments.dataset} test set ({len(batches)} images; "
+        f"batch 1: median over images after {WARMUP_IMAGES} warm-up; batch 8: median of {BATCH_8_RUNS} batches "
+        f"after one), torch threads {torch.get_num_threads()}, 1-min load {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores. Export s: ONNX export (+ conversion, + quantisation) or compilation."
+    )
+    columns = ["runtime", "export_seconds", "image_AUROC", "pixel_AUROC", "ms_per_image_batch_1", "ms_per_image_batch_8"]
+    cells = [
+        [name, f"{s:.1f}" if s else "–", f"{m['image_AUROC']:.4f}", f"{m['pixel_AUROC']:.4f}", f"{ms1:.0f}", f"{ms8:.0f}"]
+        for name, s, m, ms1, ms8 in rows
+    ]
     with (arguments.output / f"{arguments.model}_runtimes.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "seconds", "ms_per_image"])
-        writer.writerows((name, f"{s:.1f}" if s else "", f"{ms:.1f}" if ms else "") for name, s, ms in rows)
-    lines = [f"# Runtimes: {header}", "", "| step | export s | ms/image |", "|---|---:|---:|"]
-    lines += [f"| {name} | {f'{s:.1f}' if s else ''} | {f'{ms:.1f}' if ms else ''} |" for name, s, ms in rows]
+        csv.writer(handle).writerows([columns, *cells])
+    lines = [f"# Runtimes: {header}", "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    lines += ["", *(f"Failed: {failure}" for failure in failures)] if failures else []
     (arguments.output / f"{arguments.model}_runtimes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -74,7 +74,7 @@ def test_predict_on_an_empty_folder_says_so(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit) as exit_info:
         main([str(weights), str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert f"No images (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp) in {tmp_path / 'empty'}" in capsys.readouterr().err
+    assert f"No images (.png, .jpg, .bmp, .tif, ...) in {tmp_path / 'empty'}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -89,3 +89,21 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(mvtec_root: Path, tmp_
     with pytest.raises(ValueError, match="does not hold a Mdps model.*another model class"):
         AnomalibCLI(["test", "--config", SMOKE, "--data.root", str(mvtec_root), "--default_root_dir", str(tmp_path),
                      "--ckpt_path", str(checkpoint)])
+
+
+def test_predict_refuses_an_output_folder_that_holds_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from anomalib_mdps.predict import main
+
+    weights = tmp_path / "model.xml"
+    weights.write_text("<net/>")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "part.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scores.csv").write_text("earlier results")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(weights), str(tmp_path / "images"), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (tmp_path / "out" / "scores.csv").read_text() == "earlier results"

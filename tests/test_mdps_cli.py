@@ -5,12 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from anomalib.cli import AnomalibCLI
 from PIL import Image
 
-from conftest import REPO_ROOT, cli_metrics
+from conftest import REPO_ROOT, assert_export_parity, cli_metrics, numpy_outputs
 
 SMOKE = str(REPO_ROOT / "configs" / "mdps_smoke.yaml")
 # The smoke preset (6 epochs at 32 px) scored image / pixel AUROC 0.932 / 0.801 on bottle here; the
@@ -42,6 +43,33 @@ def test_cli_train_then_test_from_checkpoint(mvtec_root: Path, tmp_path: Path) -
     width, height = Image.open(panels[0]).size
     # image | reconstruction | ground truth | heatmap overlay | predicted-mask overlay
     assert width == 5 * height
+
+    _check_cli_openvino_export(checkpoints[-1], tested, tmp_path / "exported")
+
+
+def _check_cli_openvino_export(checkpoint: Path, tested: AnomalibCLI, export_root: Path) -> None:
+    """``anomalib export --model Mdps --export_type openvino --ckpt_path …`` (no input size: the
+    model's own) gives a model that anomalib's ``OpenVINOInferencer`` runs like eager torch.
+    """
+    from anomalib.deploy import OpenVINOInferencer
+
+    AnomalibCLI([
+        "export", "--model", "Mdps", "--export_type", "openvino", "--ckpt_path", str(checkpoint),
+        "--export_root", str(export_root),
+    ])
+    (model_xml,) = export_root.rglob("model.xml")
+    inferencer = OpenVINOInferencer(model_xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    model = tested.model.eval()
+    batch = next(iter(tested.datamodule.test_dataloader()))
+    images = model.pre_processor.transform(batch.image[:4])
+    predictions = [inferencer.predict(image.permute(1, 2, 0).numpy()) for image in images]
+    exported = {
+        "pred_score": np.concatenate([p.pred_score.reshape(-1) for p in predictions]),
+        "anomaly_map": np.concatenate([p.anomaly_map.reshape(1, *p.anomaly_map.shape[-2:]) for p in predictions]),
+    }
+    with torch.no_grad(), model.model.exportable():
+        reference = numpy_outputs(model(images))
+    assert_export_parity(exported, {name: reference[name] for name in exported})
 
 
 def test_bare_model_name_resolves_from_the_command_line(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from conftest import assert_export_parity, numpy_outputs, onnx_runtime_outputs, 
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Mdps, Path, Path]:
     torch.manual_seed(0)
     model = Mdps(
-        image_size=(32, 32), unet_channels=(32, 64), layers_per_block=1, noise_level=40, num_steps=1,
+        image_size=(32, 32), unet_channels=(32, 64), layers_per_block=1, noise_level=40, num_steps=3,
         num_samples=2, guidance="dps", evaluator=False, visualizer=False,
     )
     model.model.update_ema()
@@ -42,6 +42,33 @@ def test_onnx_runtime_matches_eager(exported) -> None:
     for batch in (1, 3):
         images = _images(batch)
         assert_export_parity(onnx_runtime_outputs(onnx_path, images), _eager(model, images))
+
+
+def test_onnx_graph_holds_the_denoiser_once_per_pass_not_once_per_step(exported) -> None:
+    """The DDIM loop exports as an ONNX ``Scan`` (one per MDPS pass): the UNet's convolutions
+    appear once in each loop body, not once per step (three steps here), so exporting the
+    CPU preset takes seconds instead of minutes.
+    """
+    import onnx
+
+    model, onnx_path, _ = exported
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    scans = [node for node in graph.node if node.op_type == "Scan"]
+    assert len(scans) == 2
+
+    def convolutions(graph: onnx.GraphProto, functions: dict[str, onnx.FunctionProto]) -> int:
+        count = 0
+        for node in graph.node:
+            count += node.op_type == "Conv"
+            count += sum(convolutions(attribute.g, functions) for attribute in node.attribute if attribute.type == 5)
+            if node.op_type in functions:
+                count += sum(n.op_type == "Conv" for n in functions[node.op_type].node)
+        return count
+
+    functions = {function.name: function for function in onnx.load(onnx_path, load_external_data=False).functions}
+    unet_convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.model.ema_denoiser.module.modules())
+    in_loops = sum(convolutions(attribute.g, functions) for node in scans for attribute in node.attribute if attribute.type == 5)
+    assert in_loops == 2 * unet_convolutions
 
 
 def test_openvino_matches_eager(exported) -> None:

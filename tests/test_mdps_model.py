@@ -216,3 +216,36 @@ def test_a_batch_of_held_out_images_only_trains_on_nothing_and_ddp_ranks_stay_in
     mixed = ImageBatch(image=images, image_path=["/d/good/000.png", "/d/good/001.png", "/d/good/002.png"])
     assert [chunk.shape[0] for chunk in model.adam_steps(mixed)] == [2]
     assert [chunk.shape[0] for chunk in model.adam_steps(mixed, world_size=2)] == [2, 0]
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero_over_the_epochs(tmp_path) -> None:  # noqa: ANN001
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+    from lightning.pytorch import Callback
+
+    from anomalib_mdps.models import Mdps
+    from test_bad_input import _folder_dataset
+
+    root = _folder_dataset(tmp_path / "parts", (32, 32), normal=6, defective=2)
+    datamodule = Folder(name="parts", root=root, normal_dir="good", abnormal_dir="defect", train_batch_size=4,
+                        eval_batch_size=4, num_workers=0)
+    model = Mdps(**{**TINY_MDPS, "image_size": (32, 32)}, max_epochs=3, calibration_images=2, visualizer=False,
+                 learning_rate=1e-3, lr_schedule="cosine")
+    rates: list[float] = []
+
+    class EpochRates(Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001, ARG002
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False, enable_progress_bar=False,
+                    callbacks=[EpochRates()])
+    engine.fit(model, datamodule=datamodule)
+    assert rates == pytest.approx([1e-3, 0.75e-3, 0.25e-3])
+    assert engine.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_unknown_lr_schedule_is_refused() -> None:
+    from anomalib_mdps.models import Mdps
+
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        Mdps(lr_schedule="step")

@@ -18,8 +18,15 @@ from PIL import Image, UnidentifiedImageError
 
 from anomalib_mdps.console import hide_library_import_warnings
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 logger = logging.getLogger("anomalib_mdps.predict")
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder`` (sorted; by torchvision's image suffixes, any case)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(path for path in candidates if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS)
 
 
 def load_inferencer(weights: Path, device: str = "CPU", precision: str = "f32"):  # noqa: ANN201
@@ -68,10 +75,13 @@ def heatmap_panel(image: np.ndarray, anomaly_map: np.ndarray) -> Image.Image:
 
 def predict_folder(weights: Path, folder: Path, output: Path, device: str = "CPU") -> list[tuple[Path, str]]:
     """Score every image in ``folder``; returns the files that failed, with the reason."""
-    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(folder)
     if not files:
-        msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}."
+        msg = f"No images (.png, .jpg, .bmp, .tif, ...) in {folder}."
         raise FileNotFoundError(msg)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        msg = f"The output folder {output} already holds files; choose a new --output (nothing is overwritten)."
+        raise FileExistsError(msg)
     inferencer = load_inferencer(weights, device)
     size = static_input_size(inferencer)
     output.mkdir(parents=True, exist_ok=True)
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"image folder {args.images} not found")
     try:
         failures = predict_folder(args.weights, args.images, args.output, args.device)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.error(str(error))
     print(f"Scores and heatmaps: {args.output.resolve()}")
     for path, reason in failures:

@@ -6,6 +6,9 @@ that broadcast against ``x_t``. Equation numbers are those of the MDPS paper (Wu
 notation the plugin follows; DDIM itself is Song et al., "Denoising Diffusion Implicit Models".
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 
@@ -47,3 +50,31 @@ def ddim_inversion_step(
     """
     x0 = predicted_clean_image(x_t, epsilon, alpha_bar_t)
     return alpha_bar_next.sqrt() * x0 + (1 - alpha_bar_next).sqrt() * epsilon
+
+
+def run_steps(
+    step: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    per_step: tuple[torch.Tensor, ...],
+    fixed: tuple[torch.Tensor, ...] = (),
+) -> torch.Tensor:
+    """x ← step(x, inputs_n, *fixed) for each n, ``inputs_n`` being the n-th slice of every tensor in
+    ``per_step``; ``fixed`` are tensors every step reads (``step`` must not capture tensors itself).
+
+    Eager torch runs a Python loop (autograd inside ``step`` works). Under ``torch.export`` (and so
+    ONNX export) the loop is one ``scan``: the exported graph holds the denoiser once, as the body
+    of an ONNX ``Scan``, instead of once per step, which made exporting take minutes. ``fixed``
+    rides in the scan's carry, which OpenVINO's ONNX reader needs (it rejects a ``Scan`` whose body
+    reads non-constant tensors from outside).
+    """
+    if not torch.compiler.is_exporting():
+        for inputs in zip(*per_step, strict=True):
+            x = step(x, inputs, *fixed)
+        return x
+    from torch._higher_order_ops import scan
+
+    def body(carry: list[torch.Tensor], inputs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:  # noqa: ANN401
+        new = step(carry[0], tuple(inputs), *carry[1:])
+        return [new, *(tensor.clone() for tensor in carry[1:])], new.new_zeros(())
+
+    return scan(body, [x, *fixed], list(per_step))[0][0]

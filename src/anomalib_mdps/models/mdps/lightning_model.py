@@ -239,10 +239,26 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         with self.model.exportable():
             return super().to_torch(*args, **kwargs)
 
-    def to_onnx(self, *args, **kwargs) -> Path:
-        """Exported models use the autograd-free guidance (see ``MdpsModel.exportable``)."""
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs,  # noqa: ANN003
+    ) -> Path:
+        """Exported models use the autograd-free guidance (see ``MdpsModel.exportable``).
+
+        The DDIM loop becomes one ONNX ``Scan`` (opset 18). Its body is traced with a symbolic batch
+        on which diffusers' upsampler branches (``batch >= 64``), so the batch axis is exported as
+        ``Dim.DYNAMIC`` (ranges may be refined) instead of anomalib's strict ``Dim("batch_size")``.
+        Without ``input_size`` the graph takes images at the model's size (``image_size``).
+        """
+        input_size = tuple(input_size) if input_size is not None else self.model.image_size
+        if "dynamic_shapes" not in kwargs and "dynamic_axes" not in kwargs:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC},)
+        kwargs.setdefault("opset_version", 18)
         with self.model.exportable():
-            return super().to_onnx(*args, **kwargs)
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     @classmethod
     def checkpoint_safe_globals(cls) -> Sequence[Any]:

@@ -13,9 +13,9 @@ from enum import Enum
 import torch
 
 from anomalib_mdps.components import ddim_step_pairs
-from anomalib_mdps.components.ddim import ddim_step, predicted_clean_image
+from anomalib_mdps.components.ddim import ddim_step, predicted_clean_image, run_steps
 
-Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor]
 
 
 class Guidance(str, Enum):
@@ -107,7 +107,7 @@ def guidance_objective_gradient(residual: torch.Tensor, region: torch.Tensor, no
 def likelihood_gradient(
     denoiser: Denoiser,
     x_t: torch.Tensor,
-    timestep: int,
+    timestep: int | torch.Tensor,
     y: torch.Tensor,
     alpha_bar_t: torch.Tensor,
     region: torch.Tensor,
@@ -171,21 +171,26 @@ def masked_posterior_sampling(
     if noise.shape[0] != num_steps + 1:
         msg = f"noise must hold num_steps + 1 = {num_steps + 1} draws, got {noise.shape[0]}."
         raise ValueError(msg)
-    region = mask if masked_guidance else torch.ones_like(mask)
-    x = noised_observation(y, alpha_bar[noise_level], noise[0])
-    for step, (t, s) in enumerate(ddim_step_pairs(noise_level, num_steps), start=1):
-        alpha_bar_t, alpha_bar_s = alpha_bar[t], alpha_bar[s]
+    pairs = torch.tensor(ddim_step_pairs(noise_level, num_steps), device=y.device)
+
+    def step(x: torch.Tensor, inputs: tuple[torch.Tensor, ...], y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        timestep, alpha_bar_t, alpha_bar_s, step_noise = inputs
+        region = mask if masked_guidance else torch.ones_like(mask)
         if guidance_scale == 0:
-            epsilon_prior = denoiser(x, t - 1)
+            epsilon_prior = denoiser(x, timestep)
             epsilon_anomalous = epsilon_prior
         else:
             epsilon_prior, gradient = likelihood_gradient(
-                denoiser, x, t - 1, y, alpha_bar_t, region, guidance, guidance_norm,
+                denoiser, x, timestep, y, alpha_bar_t, region, guidance, guidance_norm,
             )
             epsilon_anomalous = guided_epsilon(epsilon_prior, gradient, alpha_bar_t, guidance_scale)
         epsilon = masked_posterior_epsilon(observation_epsilon(x, y, alpha_bar_t), epsilon_anomalous, mask)
-        x = ddim_step(x, epsilon, alpha_bar_t, alpha_bar_s, eta, noise[step])
-    return x
+        return ddim_step(x, epsilon, alpha_bar_t, alpha_bar_s, eta, step_noise)
+
+    x = noised_observation(y, alpha_bar[noise_level], noise[0])
+    # The denoiser takes the timestep index, level − 1.
+    per_step = (pairs[:, 0] - 1, alpha_bar[pairs[:, 0]], alpha_bar[pairs[:, 1]], noise[1:])
+    return run_steps(step, x, per_step, (y, mask.expand_as(y[:, :1]).contiguous()))
 
 
 def anomalous_region_mask(
