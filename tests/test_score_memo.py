@@ -63,13 +63,20 @@ def test_an_image_not_scored_before_is_not_recalled(tiny_mdps_model) -> None:
     assert memo.recall(model, other) is None
 
 
-def test_engine_test_after_fit_reuses_the_validation_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = _folder_dataset(tmp_path / "parts", (40, 40), normal=8, defective=3)
+@pytest.mark.parametrize(
+    ("raw_size", "image_size"),
+    [((40, 40), (32, 32)), ((56, 40), 32)],
+    ids=["square", "aspect-aware"],  # aspect-aware: the datasets' resize must follow the model's size
+)
+def test_engine_test_after_fit_reuses_the_validation_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw_size: tuple[int, int], image_size: object,
+) -> None:
+    root = _folder_dataset(tmp_path / "parts", raw_size, normal=8, defective=3)
     datamodule = Folder(
         name="parts", root=root, normal_dir="good", abnormal_dir="defect", train_batch_size=4, eval_batch_size=4,
         num_workers=0, val_split_mode="same_as_test",
     )
-    model = Mdps(**{**TINY_MDPS, "image_size": (32, 32)}, max_epochs=1, calibration_images=2, visualizer=False)
+    model = Mdps(**{**TINY_MDPS, "image_size": image_size}, max_epochs=1, calibration_images=2, visualizer=False)
     calls: list[int] = []
     reconstruct = MdpsModel.reconstruct
 

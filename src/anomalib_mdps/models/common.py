@@ -68,11 +68,18 @@ class DiffusionModuleMixin:
         """Aspect-aware input: ``short_side`` on the short axis, the long one as the data's."""
         if getattr(self, "short_side", None) is None or self.pre_processor is None:
             return
-        size = size_for_data(self.attached_datamodule, self.short_side, self.model.size_factor)
+        datamodule = self.attached_datamodule
+        size = size_for_data(datamodule, self.short_side, self.model.size_factor)
         if size is not None and size != self.model.image_size:
             self.model.set_image_size(size)
             self.pre_processor.transform = resize_transform(size)
             self.pre_processor.export_transform = get_exportable_transform(self.pre_processor.transform)
+            # anomalib's datamodule set itself up first and copied the model's (square) resize into
+            # its datasets; without this, training and validation images would be squashed to the
+            # square and stretched back, while test images (set up later) would not.
+            update_dataset_resize = getattr(datamodule, "_update_augmentations", None)
+            if update_dataset_resize is not None:
+                update_dataset_resize()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint whose weights are not this model's is refused in words, not a key dump."""
