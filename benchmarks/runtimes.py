@@ -16,6 +16,7 @@ import argparse
 import csv
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -235,7 +236,9 @@ def main() -> None:
     ]
     with (arguments.output / f"{arguments.model}_runtimes.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([columns, *cells])
-    lines = [f"# Runtimes: {header}", "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    command = "python -m benchmarks.runtimes " + " ".join(sys.argv[1:])
+    lines = [f"# Runtimes: {header}", "", f"Command: `{command}`", "",
+             "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     lines += ["", *(f"Failed: {failure}" for failure in failures)] if failures else []
     (arguments.output / f"{arguments.model}_runtimes.md").write_text("\n".join(lines) + "\n")
