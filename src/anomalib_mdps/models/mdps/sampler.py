@@ -190,7 +190,7 @@ def masked_posterior_sampling(
     x = noised_observation(y, alpha_bar[noise_level], noise[0])
     # The denoiser takes the timestep index, level − 1.
     per_step = (pairs[:, 0] - 1, alpha_bar[pairs[:, 0]], alpha_bar[pairs[:, 1]], noise[1:])
-    return run_steps(step, x, per_step, (y, mask.expand_as(y[:, :1]).contiguous()))
+    return run_steps(step, x, per_step, (y, torch.broadcast_to(mask, (y.shape[0], *mask.shape[1:])).contiguous()))
 
 
 def anomalous_region_mask(
