@@ -66,7 +66,7 @@ class Mdps(DiffusionModuleMixin, AnomalibModule):
         use_mask: bool = True,
         mask_threshold: float = 0.5,
         threshold_mode: str = ThresholdMode.NORMAL.value,
-        mask_quantile: float = 0.99,
+        mask_quantile: float = 0.2,
         standardize: bool = True,
         guidance: str = Guidance.JACOBIAN_FREE.value,
         masked_guidance: bool = True,

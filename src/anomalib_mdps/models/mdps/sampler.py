@@ -202,8 +202,8 @@ def anomalous_region_mask(
     """m = (D̄ > min D̄ + λ·(max D̄ − min D̄)), eq. 20, for maps of shape (B, 1, H, W).
 
     ``ThresholdMode.NORMAL`` replaces the min/max rule by ``normal_threshold``, a level of D̄
-    measured on held-out normal training images, so that the mask of a normal image is nearly
-    empty whatever the image's own range.
+    measured on held-out normal training images, so that a normal image's mask covers the same
+    expected share of its pixels whatever the image's own range.
     """
     if mode == ThresholdMode.NORMAL:
         if normal_threshold is None:

@@ -107,7 +107,7 @@ class MdpsModel(nn.Module):
         use_mask: bool = True,
         mask_threshold: float = 0.5,
         threshold_mode: ThresholdMode | str = ThresholdMode.NORMAL,
-        mask_quantile: float = 0.99,
+        mask_quantile: float = 0.2,
         standardize: bool = True,
         guidance: Guidance | str = Guidance.JACOBIAN_FREE,
         masked_guidance: bool = True,
