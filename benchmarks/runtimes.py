@@ -88,7 +88,7 @@ def _write_profile(model, images: list, target: Path) -> None:  # noqa: ANN001
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    parts = {"denoiser (UNet)": model.model.ema_denoiser.module}
+    parts = {"denoiser (UNet)": model.model.prior.sampling_denoiser}
     if hasattr(model.model, "feature_extractor"):
         parts["backbone (features)"] = model.model.feature_extractor
     hooks = []
@@ -116,7 +116,7 @@ def _eager_variant(model, variant: str) -> Iterator[float]:  # noqa: ANN001
     """``model`` set up as ``variant`` for the duration; yields the seconds the set-up took."""
     import torch
 
-    denoiser_owner = model.model.ema_denoiser
+    denoiser_owner = model.model.prior.ema_denoiser
     original = denoiser_owner.module
     networks = [original, *([model.model.feature_extractor] if hasattr(model.model, "feature_extractor") else [])]
     start = time.perf_counter()

@@ -18,7 +18,7 @@ class RankStateDump(Callback):
         torch.save(
             {
                 "world_size": trainer.world_size,
-                "ema": {name: value.detach().cpu() for name, value in model.ema_denoiser.state_dict().items()},
+                "ema": {name: value.detach().cpu() for name, value in model.prior.ema_denoiser.state_dict().items()},
                 "noise": model.sampling_noise.detach().cpu(),
                 "term_scale": model.term_scale.detach().cpu(),
                 "normal_mask_threshold": model.normal_mask_threshold.detach().cpu(),

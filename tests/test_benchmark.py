@@ -143,3 +143,20 @@ def test_model_settings_come_from_the_preset_and_the_profile(tmp_path: Path) -> 
     assert model["data"] == {"train_batch_size": 4}  # the preset's dataset itself is not used
     (dataset,) = arguments["benchmark"]["data"]["grid"]
     assert Path(dataset["init_args"]["root"]) == (REPO_ROOT / "../shared/data/mvtec_ad").resolve()
+
+
+def test_baselines_get_the_same_offline_imagenet_weights_as_the_plugins_backbone() -> None:
+    import torch
+    from anomalib.models.components import TimmFeatureExtractor
+
+    from anomalib_mdps.components import FeatureExtractor
+    from benchmarks.offline_weights import OfflineWeightsError, load_offline_backbone_weights
+
+    baseline = TimmFeatureExtractor("tf_efficientnet_lite0", layers=["blocks.1", "blocks.2"], pre_trained=False)
+    assert load_offline_backbone_weights(baseline) == ["tf_efficientnet_lite0"]
+    ours = FeatureExtractor("tf_efficientnet_lite0", ("blocks.1", "blocks.2")).network.state_dict()
+    theirs = baseline.feature_extractor.state_dict()
+    assert set(theirs) <= set(ours)
+    assert all(torch.equal(theirs[name], ours[name]) for name in theirs)
+    with pytest.raises(OfflineWeightsError, match="resnet18"):
+        load_offline_backbone_weights(TimmFeatureExtractor("resnet18", layers=["layer1"], pre_trained=False))

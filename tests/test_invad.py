@@ -10,12 +10,8 @@ from torch import nn
 
 from anomalib_mdps.components import NoiseSchedule, ddim_inversion_step, ddim_step, ddim_step_pairs
 from anomalib_mdps.models.invad import InvADModel
-from anomalib_mdps.models.invad.torch_model import (
-    ddim_inversion,
-    gaussian_negative_log_likelihood,
-    latent_norm_map,
-    spatial_score,
-)
+from anomalib_mdps.models.invad.anomaly_map import gaussian_negative_log_likelihood, latent_norm_map, spatial_score
+from anomalib_mdps.models.invad.torch_model import ddim_inversion
 from conftest import (
     REPO_ROOT,
     assert_export_parity,
@@ -120,7 +116,7 @@ def test_nll_rises_and_the_map_peaks_where_features_are_perturbed(tiny_invad, ga
     generator = torch.Generator().manual_seed(1)
     mean = torch.zeros(1, channels, *grid)
     std = 0.5 + torch.rand(1, channels, *grid, generator=generator)
-    model.ema_denoiser.module = GaussianOptimalDenoiser(mean, std, denoiser.alpha_bar)
+    model.prior.ema_denoiser.module = GaussianOptimalDenoiser(mean, std, denoiser.alpha_bar)
     normal = std * torch.randn(32, channels, *grid, generator=generator)
     model.fit_score_statistics(normal.split(8))
 
@@ -152,7 +148,7 @@ def test_scores_are_deterministic_and_survive_a_state_dict_round_trip(tiny_invad
     model.fit_score_statistics([model.raw_features(images)])
     first = model(images)
     reloaded = copy.deepcopy(shared_invad)
-    for parameter in [*reloaded.denoiser.parameters(), *reloaded.ema_denoiser.parameters()]:
+    for parameter in [*reloaded.prior.denoiser.parameters(), *reloaded.prior.ema_denoiser.parameters()]:
         parameter.data.normal_(std=0.02)
     reloaded.load_state_dict(model.state_dict())
     second = reloaded(images)

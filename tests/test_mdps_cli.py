@@ -72,9 +72,10 @@ def _check_cli_openvino_export(checkpoint: Path, tested: AnomalibCLI, export_roo
     assert_export_parity(exported, {name: reference[name] for name in exported})
 
 
-def test_bare_model_name_resolves_from_the_command_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["Mdps", "InvAD", "Glad"])
+def test_bare_model_name_resolves_from_the_command_line(name: str, tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "anomalib.cli.cli", "train", "--model", "Mdps",
+        sys.executable, "-m", "anomalib.cli.cli", "train", "--model", name,
         "--model.image_size", "[32, 32]", "--default_root_dir", str(tmp_path), "--print_config",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
@@ -88,6 +89,6 @@ def test_bare_model_name_resolves_from_the_command_line(tmp_path: Path) -> None:
 def test_python_start_does_not_import_anomalib() -> None:
     code = "import sys; assert not {'anomalib', 'torch', 'anomalib_mdps.models'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    code = "import anomalib.models as models; print(models.Mdps.__module__)"
+    code = "import anomalib.models as models; print(models.Mdps.__module__, models.InvAD.__module__, models.Glad.__module__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    assert result.stdout.strip() == "anomalib_mdps.models.mdps.lightning_model"
+    assert result.stdout.split() == [f"anomalib_mdps.models.{name}.lightning_model" for name in ("mdps", "invad", "glad")]

@@ -66,7 +66,7 @@ def test_onnx_graph_holds_the_denoiser_once_per_pass_not_once_per_step(exported)
         return count
 
     functions = {function.name: function for function in onnx.load(onnx_path, load_external_data=False).functions}
-    unet_convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.model.ema_denoiser.module.modules())
+    unet_convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.model.prior.sampling_denoiser.modules())
     in_loops = sum(convolutions(attribute.g, functions) for node in scans for attribute in node.attribute if attribute.type == 5)
     assert in_loops == 2 * unet_convolutions
 

@@ -5,14 +5,10 @@ import sys
 import pytest
 import torch
 
-from anomalib_mdps.components import (
-    FeatureExtractor,
-    reconstruction_difference,
-    top_k_for_size,
-    top_k_mean_score,
-)
+from anomalib_mdps.components import FeatureExtractor, top_k_for_size, top_k_mean_score
 from anomalib_mdps.components.backbone import BackboneWeightsMissingError
 from anomalib_mdps.models.mdps import MdpsModel
+from anomalib_mdps.models.mdps.anomaly_map import reconstruction_difference
 from conftest import TINY_MDPS
 
 
@@ -74,7 +70,7 @@ def test_state_dict_round_trip_gives_identical_scores(tiny_mdps_model) -> None:
     loss = model.training_loss(_images(4))
     loss.backward()
     with torch.no_grad():
-        for parameter in model.denoiser.parameters():
+        for parameter in model.prior.denoiser.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     model.update_ema()
     restored = tiny_mdps_model()
@@ -86,7 +82,7 @@ def test_state_dict_round_trip_gives_identical_scores(tiny_mdps_model) -> None:
 def test_seeded_training_is_reproducible(tiny_mdps_model) -> None:
     def train_and_score() -> torch.Tensor:
         model = tiny_mdps_model().train()
-        optimizer = torch.optim.Adam(model.denoiser.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(model.prior.denoiser.parameters(), lr=1e-3)
         torch.manual_seed(7)
         for _ in range(2):
             optimizer.zero_grad()
@@ -159,7 +155,7 @@ def test_a_model_without_normal_statistics_says_how_to_get_them() -> None:
 
 
 def test_held_out_calibration_images_depend_on_names_only() -> None:
-    from anomalib_mdps.models.mdps.calibration import held_out_keys
+    from anomalib_mdps.models.calibration import held_out_keys
 
     paths = [f"/data/a/train/good/{i:03d}.png" for i in range(40)]
     moved = [p.replace("/data/a", "/elsewhere/b") for p in paths]
@@ -198,7 +194,7 @@ def test_mdps_trains_on_the_per_image_sum_of_eq_5(tiny_mdps_model) -> None:
     torch.manual_seed(0)
     loss = model.training_loss(images)
     torch.manual_seed(0)
-    mean = model.schedule.training_loss(model.denoiser, images * 2 - 1, model.train_max_noise_level, reduction="mean")
+    mean = model.prior.training_loss(images * 2 - 1, model.train_max_noise_level, reduction="mean")
     torch.testing.assert_close(loss, mean * 3 * 32 * 32, rtol=1e-5, atol=0)
 
 

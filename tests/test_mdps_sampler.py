@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from anomalib_mdps.components import NoiseSchedule, ddim_step_pairs
+from anomalib_mdps.components import NoiseSchedule, ddim_step_pairs, forward_diffusion
 from anomalib_mdps.models.mdps.sampler import (
     GUIDANCE_REFERENCE_ELEMENTS,
     Guidance,
@@ -16,7 +16,6 @@ from anomalib_mdps.models.mdps.sampler import (
     guided_epsilon,
     likelihood_gradient,
     masked_posterior_sampling,
-    noised_observation,
 )
 
 
@@ -63,7 +62,7 @@ def test_unguided_full_mask_is_plain_ddim_from_the_noised_input(schedule: NoiseS
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, set_alpha_to_one=True, clip_sample=False,
     )
     reference.set_timesteps(50)  # 1000 // 50 = 20 levels per step, as T / N = 100 / 5
-    x = noised_observation(y, schedule.alpha_bar[100], noise[0])
+    x = forward_diffusion(y, noise[0], schedule.alpha_bar[100])
     for step, timestep in enumerate(range(99, 0, -20), start=1):
         epsilon = _toy_denoiser(x, timestep)
         x = reference.step(epsilon, timestep, x, eta=1.0, variance_noise=noise[step]).prev_sample
@@ -174,7 +173,7 @@ def test_jacobian_free_equals_dps_when_epsilon_does_not_depend_on_x(schedule: No
 
     mask = torch.zeros_like(y[:, :1])
     mask[..., 2:6, 1:5] = 1
-    x_t = noised_observation(y, schedule.alpha_bar[100], noise[0])
+    x_t = forward_diffusion(y, noise[0], schedule.alpha_bar[100])
     _, dps = likelihood_gradient(constant_denoiser, x_t, 99, y, schedule.alpha_bar[100], mask, Guidance.DPS, norm)
     _, free = likelihood_gradient(
         constant_denoiser, x_t, 99, y, schedule.alpha_bar[100], mask, Guidance.JACOBIAN_FREE, norm,
@@ -226,33 +225,3 @@ def test_normal_threshold_mode_uses_the_normal_level_alone() -> None:
     assert mask[1].sum() == 14  # every value of the second from 1.33 on
     with pytest.raises(ValueError, match="normal"):
         anomalous_region_mask(maps, 0.5, ThresholdMode.NORMAL)
-
-
-def test_training_loss_sums_over_pixels_as_eq_5(schedule: NoiseSchedule) -> None:
-    x0 = torch.rand(3, 3, 8, 8) * 2 - 1
-
-    def denoiser(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return 0.5 * x + 0.01 * timestep.view(-1, 1, 1, 1)
-
-    summed = schedule.training_loss(denoiser, x0, generator=torch.Generator().manual_seed(0))
-    mean = schedule.training_loss(denoiser, x0, generator=torch.Generator().manual_seed(0), reduction="mean")
-    torch.testing.assert_close(summed, mean * 3 * 8 * 8, rtol=1e-5, atol=0)
-
-
-def test_training_input_at_level_t_is_diffusers_add_noise_at_index_t_minus_1(schedule: NoiseSchedule) -> None:
-    from diffusers import DDPMScheduler
-
-    seen = {}
-
-    def recording_denoiser(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        seen["x_t"], seen["timestep"] = x, timestep
-        return torch.zeros_like(x)
-
-    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    schedule.training_loss(recording_denoiser, x0, generator=torch.Generator().manual_seed(9))
-    replay = torch.Generator().manual_seed(9)
-    levels = torch.randint(1, schedule.num_train_timesteps + 1, (4,), generator=replay)
-    noise = torch.randn(x0.shape, generator=replay)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
-    torch.testing.assert_close(seen["timestep"], levels - 1)
-    torch.testing.assert_close(seen["x_t"], scheduler.add_noise(x0, noise, levels - 1), rtol=1e-5, atol=1e-6)

@@ -40,7 +40,7 @@ def _optimiser_like_step(module: torch.nn.Module) -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        pytest.param(lambda model: _optimiser_like_step(model.ema_denoiser), id="a weight changed in place"),
+        pytest.param(lambda model: _optimiser_like_step(model.prior.ema_denoiser), id="a weight changed in place"),
         pytest.param(lambda model: model.calibrate(torch.rand(2, 3, 32, 32)), id="recalibrated"),
         pytest.param(lambda model: setattr(model, "num_samples", 3), id="a setting changed"),
         pytest.param(lambda model: model.load_state_dict(model.state_dict()), id="weights loaded"),

@@ -9,7 +9,7 @@ import importlib
 import sys
 from types import ModuleType
 
-PLUGIN_MODELS = ("Mdps", "InvAD")
+PLUGIN_MODELS = ("Mdps", "InvAD", "Glad")
 _PLUGIN_PACKAGE = "anomalib_mdps.models"
 
 

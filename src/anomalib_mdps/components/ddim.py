@@ -53,13 +53,14 @@ def ddim_inversion_step(
 
 
 def run_steps(
-    step: Callable[..., torch.Tensor],
-    x: torch.Tensor,
+    step: Callable[..., Any],
+    state: torch.Tensor | tuple[torch.Tensor, ...],
     per_step: tuple[torch.Tensor, ...],
     fixed: tuple[torch.Tensor, ...] = (),
-) -> torch.Tensor:
-    """x ← step(x, inputs_n, *fixed) for each n, ``inputs_n`` being the n-th slice of every tensor in
-    ``per_step``; ``fixed`` are tensors every step reads (``step`` must not capture tensors itself).
+) -> Any:  # noqa: ANN401
+    """state ← step(state, inputs_n, *fixed) for each n, ``inputs_n`` being the n-th slice of every tensor
+    in ``per_step``; ``fixed`` are tensors every step reads (``step`` must not capture tensors itself).
+    ``state`` is one tensor (x of a DDIM loop) or a tuple of them, which ``step`` returns alike.
 
     Eager torch runs a Python loop (autograd inside ``step`` works). Under ``torch.export`` (and so
     ONNX export) the loop is one ``scan``: the exported graph holds the denoiser once, as the body
@@ -67,14 +68,22 @@ def run_steps(
     rides in the scan's carry, which OpenVINO's ONNX reader needs (it rejects a ``Scan`` whose body
     reads non-constant tensors from outside).
     """
+    single = isinstance(state, torch.Tensor)
+    carry = (state,) if single else tuple(state)
+    size = len(carry)
+
+    def advance(current: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...], *reads: torch.Tensor) -> tuple:
+        return (step(current[0], inputs, *reads),) if single else tuple(step(current, inputs, *reads))
+
     if not torch.compiler.is_exporting():
         for inputs in zip(*per_step, strict=True):
-            x = step(x, inputs, *fixed)
-        return x
+            carry = advance(carry, inputs, *fixed)
+        return carry[0] if single else carry
     from torch._higher_order_ops import scan
 
-    def body(carry: list[torch.Tensor], inputs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:  # noqa: ANN401
-        new = step(carry[0], tuple(inputs), *carry[1:])
-        return [new, *(tensor.clone() for tensor in carry[1:])], new.new_zeros(())
+    def body(current: list[torch.Tensor], inputs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:  # noqa: ANN401
+        new = advance(tuple(current[:size]), tuple(inputs), *current[size:])
+        return [*new, *(tensor.clone() for tensor in current[size:])], new[0].new_zeros(())
 
-    return scan(body, [x, *fixed], list(per_step))[0][0]
+    final = scan(body, [*carry, *fixed], list(per_step))[0][:size]
+    return final[0] if single else tuple(final)

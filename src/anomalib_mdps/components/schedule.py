@@ -39,38 +39,50 @@ class NoiseSchedule(nn.Module):
         return t - 1
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Forward diffusion x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε (paper eq. 3), per sample level ``t``."""
-        alpha_bar = self.alpha_bar[t].view(-1, *([1] * (x0.dim() - 1)))
-        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        """x_t of eq. 3 at per-sample levels ``t`` (see ``forward_diffusion``)."""
+        return forward_diffusion(x0, noise, self.alpha_bar[t].view(-1, *([1] * (x0.dim() - 1))))
 
-    def training_loss(
-        self,
-        denoiser: nn.Module,
-        x0: torch.Tensor,
-        max_level: int | None = None,
-        generator: torch.Generator | None = None,
-        reduction: str = "sum",
-    ) -> torch.Tensor:
-        """ε-prediction objective (paper eq. 5) with levels t drawn uniformly from {1, …, max_level}.
+    def training_draws(
+        self, x0: torch.Tensor, max_level: int | None = None, generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Levels t uniform in {1, …, max_level} (default: the whole schedule, as the paper) and
+        standard normal noise shaped like ``x0``, one of each per sample.
 
-        ``reduction="sum"`` is eq. 5 as written (and the authors' code): ‖ε − ε_θ‖² summed over an
-        image's pixels, averaged over the batch. It keeps Adam's (coupled) weight decay at the size
-        the paper's 5e-2 was chosen for; a per-pixel mean makes the loss gradient C·H·W times
-        smaller, so the decay would dominate it. ``"mean"`` averages over pixels too.
-        ``max_level`` defaults to the whole schedule (the paper). A sampler that never starts
-        above some T only needs the levels up to T, which a short training budget can favour.
+        A sampler that never starts above some T only needs the levels up to T, which a short
+        training budget can favour.
         """
-        batch_size = x0.shape[0]
         high = self.num_train_timesteps if max_level is None else min(max_level, self.num_train_timesteps)
-        t = torch.randint(1, high + 1, (batch_size,), device=x0.device, generator=generator)
+        levels = torch.randint(1, high + 1, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        predicted = denoiser(self.add_noise(x0, noise, t), self.denoiser_timestep(t))
+        return levels, noise
+
+    @staticmethod
+    def regression_loss(predicted: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """‖target − ε_θ‖² of eq. 5, averaged over the batch.
+
+        ``"sum"`` sums over an image's elements, as eq. 5 is written (and the authors' code). It
+        keeps Adam's (coupled) weight decay at the size the paper's 5e-2 was chosen for; a
+        per-element mean makes the loss gradient C·H·W times smaller, so the decay would dominate
+        it. ``"mean"`` averages over the elements too.
+        """
         if reduction == "mean":
-            return nn.functional.mse_loss(predicted, noise)
+            return nn.functional.mse_loss(predicted, target)
         if reduction == "sum":
-            return (predicted - noise).pow(2).flatten(1).sum(dim=1).mean()
+            return (predicted - target).pow(2).flatten(1).sum(dim=1).mean()
         msg = f"reduction must be 'sum' or 'mean', got {reduction!r}."
         raise ValueError(msg)
+
+
+def check_noise_level(level: int, num_train_timesteps: int, name: str = "noise_level") -> None:
+    """Refuse a level the schedule does not have (levels run from 1 to ``num_train_timesteps``)."""
+    if not 0 < level <= num_train_timesteps:
+        msg = f"{name} must be in (0, {num_train_timesteps}], got {level}."
+        raise ValueError(msg)
+
+
+def forward_diffusion(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε: the forward diffusion of eq. 3 (MDPS Algorithm 1, line 2)."""
+    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise
 
 
 def ddim_step_pairs(noise_level: int, num_steps: int) -> list[tuple[int, int]]:

@@ -1,5 +1,6 @@
 """What the plugin's anomalib modules share: pre-processing, evaluation, visualisation, steps."""
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -168,3 +169,32 @@ class DiffusionModuleMixin:
 def resize_transform(image_size: tuple[int, int]) -> Compose:
     """The models' whole pre-processing: an antialiased resize to (height, width)."""
     return Compose([Resize(image_size, antialias=True)])
+
+
+class ScanExportMixin:
+    """Export of a model whose ``forward`` runs a DDIM loop (``components.ddim.run_steps``).
+
+    The torch model's ``exportable()`` context fixes what graph capture needs (the sampling noise
+    as a constant, autograd-free guidance). The loop becomes one ONNX ``Scan`` (opset 18); its
+    body is traced with a symbolic batch on which diffusers' upsampler branches (``batch >= 64``),
+    so the batch axis is exported as ``Dim.DYNAMIC`` instead of anomalib's strict
+    ``Dim("batch_size")``. Without ``input_size`` the graph takes images at the model's size.
+    """
+
+    def to_torch(self, *args, **kwargs) -> Path:  # noqa: ANN002, ANN003
+        with self.model.exportable():
+            return super().to_torch(*args, **kwargs)
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs,  # noqa: ANN003
+    ) -> Path:
+        input_size = tuple(input_size) if input_size is not None else self.model.image_size
+        if "dynamic_shapes" not in kwargs and "dynamic_axes" not in kwargs:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC},)
+        kwargs.setdefault("opset_version", 18)
+        with self.model.exportable():
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)

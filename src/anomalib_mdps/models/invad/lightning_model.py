@@ -52,6 +52,8 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
         layers_per_block: int = 1,
         attention_levels: Sequence[bool] | None = None,
         num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
         noise_level: int = 1000,
         num_steps: int = 2,
         spatial_weight: float = 1.0,
@@ -82,6 +84,8 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
             layers_per_block=layers_per_block,
             attention_levels=attention_levels,
             num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
             noise_level=noise_level,
             num_steps=num_steps,
             spatial_weight=spatial_weight,
@@ -100,7 +104,7 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
-            self.model.denoiser.parameters(),
+            self.model.prior.denoiser.parameters(),
             lr=self.learning_rate,
             weight_decay=self.weight_decay,
         )

@@ -12,8 +12,7 @@ standardised with statistics of the normal training images (the code min-max nor
 the test set); stages are area-averaged to the grid (the code resamples bilinearly).
 """
 
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,19 +21,20 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.components import (
+    Denoiser,
+    DiffusionPrior,
     FeatureExtractor,
+    check_noise_level,
     NoiseSchedule,
     anomaly_map_blur,
-    build_unet,
     ddim_inversion_step,
     ddim_step_pairs,
-    exponential_moving_average,
     unet_downsampling_factor,
 )
 from anomalib_mdps.components.images import as_rgb_batch
 from anomalib_mdps.models.input_size import track_input_size
 
-Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+from .anomaly_map import gaussian_negative_log_likelihood, latent_norm_map, spatial_score, standardised
 
 
 class InvADOutput(NamedTuple):
@@ -99,30 +99,6 @@ def ddim_inversion(
     return z
 
 
-def gaussian_negative_log_likelihood(latent: torch.Tensor) -> torch.Tensor:
-    """−log N(z_T; 0, I) = ½‖z_T‖² + (d/2)·log 2π per sample: InvAD's anomaly score."""
-    dimensions = latent[0].numel()
-    return 0.5 * latent.pow(2).flatten(1).sum(dim=1) + 0.5 * dimensions * math.log(2 * math.pi)
-
-
-def latent_norm_map(latent: torch.Tensor) -> torch.Tensor:
-    """‖z_T‖ over channels at every grid location, (B, 1, h, w): InvAD's anomaly map."""
-    return latent.pow(2).sum(dim=1, keepdim=True).sqrt()
-
-
-def spatial_score(norm_map: torch.Tensor) -> torch.Tensor:
-    """max − min of the per-location ‖z_T‖ per sample: the spatial term the InvAD code adds to the
-    NLL, sensitive to a small anomaly that barely moves the image-wide likelihood.
-    """
-    flat = norm_map.flatten(1)
-    return flat.amax(dim=1) - flat.amin(dim=1)
-
-
-def standardised(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(v − μ) / σ with μ, σ measured on normal training data (never on test data)."""
-    return (values - mean) / std
-
-
 class InvADModel(nn.Module):
     """InvAD: a feature-space diffusion prior scored by the likelihood of the DDIM-inverted latent.
 
@@ -167,9 +143,7 @@ class InvADModel(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 0 < noise_level <= num_train_timesteps:
-            msg = f"noise_level must be in (0, {num_train_timesteps}], got {noise_level}."
-            raise ValueError(msg)
+        check_noise_level(noise_level, num_train_timesteps)
         if feature_neighbourhood < 1 or feature_neighbourhood % 2 == 0:
             msg = f"feature_neighbourhood must be an odd window size >= 1, got {feature_neighbourhood}."
             raise ValueError(msg)
@@ -192,18 +166,10 @@ class InvADModel(nn.Module):
         self.set_image_size(image_size)
         self.feature_channels = sum(self.feature_extractor.channels)
 
-        self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.denoiser = build_unet(
-                self.grid_size,
-                self.feature_channels,
-                denoiser_channels,
-                layers_per_block,
-                attention_levels,
-            )
-        self.ema_denoiser = exponential_moving_average(self.denoiser, ema_decay)
-        self.ema_denoiser.requires_grad_(False)
+        self.prior = DiffusionPrior(
+            self.grid_size, self.feature_channels, denoiser_channels, layers_per_block, attention_levels,
+            num_train_timesteps, beta_start, beta_end, ema_decay, seed,
+        )
         self._training_generator: torch.Generator | None = None
 
         # Statistics of normal training data, saved with the checkpoint so that a reloaded model
@@ -278,15 +244,14 @@ class InvADModel(nn.Module):
         """ε-prediction loss (DDPM eq. 5 of the MDPS notation) on standardised raw ``features``."""
         if self._training_generator is None or self._training_generator.device != features.device:
             self._training_generator = torch.Generator(device=features.device).manual_seed(self.seed)
-        return self.schedule.training_loss(
-            self.denoiser,
+        return self.prior.training_loss(
             self.standardise_features(features),
             generator=self._training_generator,
             reduction="mean",  # InvAD's preset was measured with the per-element mean and AdamW
         )
 
     def update_ema(self) -> None:
-        self.ema_denoiser.update_parameters(self.denoiser)
+        self.prior.update_ema()
 
     # ---------------------------------------------------------------- inference
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -322,7 +287,7 @@ class InvADModel(nn.Module):
 
     def invert(self, z0: torch.Tensor) -> torch.Tensor:
         """z_T of standardised features with the EMA denoiser (deterministic)."""
-        return ddim_inversion(self.ema_denoiser.module, self.schedule.alpha_bar, z0, self.noise_level, self.num_steps)
+        return ddim_inversion(self.prior.sampling_denoiser, self.prior.alpha_bar, z0, self.noise_level, self.num_steps)
 
     @torch.no_grad()
     def fit_score_statistics(self, feature_batches: Iterable[torch.Tensor]) -> None:

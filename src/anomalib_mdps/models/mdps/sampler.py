@@ -7,15 +7,12 @@ Images ``y`` and samples ``x`` live in [-1, 1]; ``alpha_bar`` is indexed by nois
 in :class:`anomalib_mdps.components.NoiseSchedule`.
 """
 
-from collections.abc import Callable
 from enum import Enum
 
 import torch
 
-from anomalib_mdps.components import ddim_step_pairs
+from anomalib_mdps.components import Denoiser, ddim_step_pairs, forward_diffusion
 from anomalib_mdps.components.ddim import ddim_step, predicted_clean_image, run_steps
-
-Denoiser = Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor]
 
 
 class Guidance(str, Enum):
@@ -42,11 +39,6 @@ class ThresholdMode(str, Enum):
 
 # ρ of the plain norm is defined for a full mask on a 3-channel 256 × 256 image (the paper's size).
 GUIDANCE_REFERENCE_ELEMENTS = 3 * 256 * 256
-
-
-def noised_observation(y: torch.Tensor, alpha_bar_t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x_T = √ᾱ_T·y + √(1-ᾱ_T)·ε: Algorithm 1, line 2 (forward diffusion, eq. 3)."""
-    return alpha_bar_t.sqrt() * y + (1 - alpha_bar_t).sqrt() * noise
 
 
 def observation_epsilon(x_t: torch.Tensor, y: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
@@ -187,7 +179,7 @@ def masked_posterior_sampling(
         epsilon = masked_posterior_epsilon(observation_epsilon(x, y, alpha_bar_t), epsilon_anomalous, mask)
         return ddim_step(x, epsilon, alpha_bar_t, alpha_bar_s, eta, step_noise)
 
-    x = noised_observation(y, alpha_bar[noise_level], noise[0])
+    x = forward_diffusion(y, noise[0], alpha_bar[noise_level])  # Algorithm 1, line 2
     # The denoiser takes the timestep index, level − 1.
     per_step = (pairs[:, 0] - 1, alpha_bar[pairs[:, 0]], alpha_bar[pairs[:, 1]], noise[1:])
     return run_steps(step, x, per_step, (y, torch.broadcast_to(mask, (y.shape[0], *mask.shape[1:])).contiguous()))

@@ -10,29 +10,23 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.components import (
+    DiffusionPrior,
     FeatureExtractor,
-    NoiseSchedule,
+    check_noise_level,
     anomaly_map_blur,
-    build_unet,
+    backbone_size_for,
     check_unet_input_size,
-    exponential_moving_average,
-    mean_over_samples,
     perceptual_difference,
     pixel_difference,
-    reconstruction_difference,
     top_k_for_size,
     top_k_mean_score,
     unet_downsampling_factor,
-    weighted_terms,
 )
 from anomalib_mdps.components.images import as_rgb_batch, is_tracing
 from anomalib_mdps.models.input_size import track_input_size
 
+from .anomaly_map import mean_over_samples, reconstruction_difference, weighted_terms
 from .sampler import Guidance, GuidanceNorm, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
-
-# The backbone sees images whose short side has the paper's 256 px (its 64/32/16 px feature grids).
-BACKBONE_SHORT_SIDE = 256
-
 
 class MdpsOutput(NamedTuple):
     """Everything one MDPS scoring run produces, per input image."""
@@ -124,9 +118,7 @@ class MdpsModel(nn.Module):
     ) -> None:
         super().__init__()
         self.unet_channels = tuple(unet_channels)
-        if not 0 < noise_level <= num_train_timesteps:
-            msg = f"noise_level must be in (0, {num_train_timesteps}], got {noise_level}."
-            raise ValueError(msg)
+        check_noise_level(noise_level, num_train_timesteps)
         if num_samples < 1:
             msg = f"num_samples must be >= 1, got {num_samples}."
             raise ValueError(msg)
@@ -155,12 +147,10 @@ class MdpsModel(nn.Module):
         self.train_max_noise_level = train_max_noise_level
         self.seed = seed
 
-        self.schedule = NoiseSchedule(num_train_timesteps, beta_start, beta_end)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.denoiser = build_unet(tuple(image_size), 3, unet_channels, layers_per_block, attention_levels)
-        self.ema_denoiser = exponential_moving_average(self.denoiser, ema_decay)
-        self.ema_denoiser.requires_grad_(False)
+        self.prior = DiffusionPrior(
+            image_size, 3, unet_channels, layers_per_block, attention_levels,
+            num_train_timesteps, beta_start, beta_end, ema_decay, seed,
+        )
         self.feature_extractor = FeatureExtractor(backbone, feature_layers)
         self.register_buffer("sampling_noise", torch.empty(0), persistent=False)
         track_input_size(self)
@@ -191,10 +181,10 @@ class MdpsModel(nn.Module):
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """ε-prediction loss (eq. 5) of the denoiser on normal images in [0, 1]."""
         images = self._checked(images)
-        return self.schedule.training_loss(self.denoiser, images * 2 - 1, self.train_max_noise_level, reduction="sum")
+        return self.prior.training_loss(images * 2 - 1, self.train_max_noise_level, reduction="sum")
 
     def update_ema(self) -> None:
-        self.ema_denoiser.update_parameters(self.denoiser)
+        self.prior.update_ema()
 
     # ---------------------------------------------------------------- inference
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -275,8 +265,8 @@ class MdpsModel(nn.Module):
     ) -> torch.Tensor:
         """N_s posterior samples per image (Algorithm 1), returned in [0, 1]."""
         samples = masked_posterior_sampling(
-            self.ema_denoiser.module,
-            self.schedule.alpha_bar,
+            self.prior.sampling_denoiser,
+            self.prior.alpha_bar,
             y,
             mask,
             noise,
@@ -330,7 +320,7 @@ class MdpsModel(nn.Module):
         if tuple(self.sampling_noise.shape) != shape:
             generator = torch.Generator().manual_seed(self.seed)
             noise = torch.randn(shape, generator=generator)
-            self.sampling_noise = noise.to(device=self.schedule.alpha_bar.device)
+            self.sampling_noise = noise.to(device=self.prior.alpha_bar.device)
         return self.sampling_noise
 
     @contextmanager
@@ -350,12 +340,6 @@ class MdpsModel(nn.Module):
         images = as_rgb_batch(images)
         check_unet_input_size(images.shape[-2], images.shape[-1], self.unet_channels)
         return images
-
-
-def backbone_size_for(image_size: tuple[int, int]) -> tuple[int, int]:
-    """The image size scaled to a 256 px short side, aspect ratio kept (multiples of 16)."""
-    scale = BACKBONE_SHORT_SIDE / min(image_size)
-    return tuple(max(16, round(side * scale / 16) * 16) for side in image_size)
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
