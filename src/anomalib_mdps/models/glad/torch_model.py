@@ -14,22 +14,17 @@ from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
-from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.components import (
     DiffusionPrior,
     FeatureExtractor,
-    anomaly_map_blur,
-    backbone_size_for,
     check_noise_level,
-    check_unet_input_size,
     top_k_for_size,
     top_k_mean_score,
-    unet_downsampling_factor,
 )
-from anomalib_mdps.components.images import as_rgb_batch, is_tracing
+from anomalib_mdps.components.images import is_tracing
 from anomalib_mdps.models.input_size import track_input_size
+from anomalib_mdps.models.pixel_space import PixelSpaceModel
 
 from .anomaly_map import reconstruction_distance
 from .sampler import AdaptiveReconstruction, adaptive_reconstruction, anomaly_aware_pair, nearest_neighbour_distance
@@ -44,7 +39,7 @@ class GladOutput(NamedTuple):
     lock_level: torch.Tensor  # (B,) the level at which the adaptive step locked each image
 
 
-class GladModel(nn.Module):
+class GladModel(PixelSpaceModel):
     """GLAD: reconstruct a normal version of each image from an image-specific noise level.
 
     Images enter in [0, 1] at ``image_size``; the diffusion works in [-1, 1].
@@ -137,20 +132,8 @@ class GladModel(nn.Module):
         self.lock_distance_given = fixed
 
     def set_image_size(self, image_size: Sequence[int]) -> None:
-        """Run at ``image_size`` (height, width): only the size-dependent parts follow."""
-        size = (int(image_size[0]), int(image_size[1]))
-        check_unet_input_size(*size, self.unet_channels)
-        self.image_size = size
-        self.input_size.copy_(torch.tensor(size))
-        self.top_k = top_k_for_size(size, self.top_k_at_256)
-        self.lock_top_k = top_k_for_size(size, self.lock_top_k_at_256)
-        self.blur = anomaly_map_blur(size, self.blur_sigma)
-        self.backbone_input_size = self.fixed_backbone_input_size or backbone_size_for(size)
-
-    @property
-    def size_factor(self) -> int:
-        """Image sides must be multiples of this (the UNet's downsampling)."""
-        return unet_downsampling_factor(self.unet_channels)
+        super().set_image_size(image_size)
+        self.lock_top_k = top_k_for_size(self.image_size, self.lock_top_k_at_256)
 
     # ----------------------------------------------------------------- training
     def training_loss(self, normal: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
@@ -238,10 +221,6 @@ class GladModel(nn.Module):
         deepest = lambda x: self.features(to_unit(x))[-1:]  # noqa: E731
         return nearest_neighbour_distance(deepest(x0_input), deepest(x0_prior), size)
 
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        images = F.interpolate(images, size=self.backbone_input_size, mode="bilinear", align_corners=False)
-        return self.feature_extractor(images)
-
     def noise_for(self, image_shape: Sequence[int]) -> torch.Tensor:
         """The (1, C, H, W) start noise: drawn once from ``seed``, shared by all images."""
         shape = (1, *image_shape)
@@ -256,10 +235,6 @@ class GladModel(nn.Module):
         self.noise_for((3, *self.image_size))
         yield
 
-    def _checked(self, images: torch.Tensor) -> torch.Tensor:
-        images = as_rgb_batch(images)
-        check_unet_input_size(images.shape[-2], images.shape[-1], self.unet_channels)
-        return images
 
 
 def _anomaly_aware_target(

@@ -6,24 +6,18 @@ from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
-from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.components import (
     DiffusionPrior,
     FeatureExtractor,
     check_noise_level,
-    anomaly_map_blur,
-    backbone_size_for,
-    check_unet_input_size,
     perceptual_difference,
     pixel_difference,
-    top_k_for_size,
     top_k_mean_score,
-    unet_downsampling_factor,
 )
-from anomalib_mdps.components.images import as_rgb_batch, is_tracing
+from anomalib_mdps.components.images import is_tracing
 from anomalib_mdps.models.input_size import track_input_size
+from anomalib_mdps.models.pixel_space import PixelSpaceModel
 
 from .anomaly_map import mean_over_samples, reconstruction_difference, weighted_terms
 from .sampler import Guidance, GuidanceNorm, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
@@ -37,7 +31,7 @@ class MdpsOutput(NamedTuple):
     mask: torch.Tensor  # (B, 1, H, W), m of the final pass (all ones without the mask pass)
 
 
-class MdpsModel(nn.Module):
+class MdpsModel(PixelSpaceModel):
     """MDPS (Wu et al.): reconstruct the normal image by masked diffusion posterior sampling.
 
     Images enter in [0, 1] at ``image_size``. The diffusion path works in [-1, 1]; the
@@ -159,23 +153,6 @@ class MdpsModel(nn.Module):
         self.register_buffer("term_scale", torch.ones(2))  # spread of the pixel and perceptual terms
         self.register_buffer("normal_mask_threshold", torch.tensor(float("inf")))
         self.register_buffer("calibrated", torch.tensor(False))
-
-    def set_image_size(self, image_size: Sequence[int]) -> None:
-        """Run at ``image_size`` (height, width): the UNet is fully convolutional, so only the
-        size-dependent parts follow (S of the score, the blur, the backbone input, the noise).
-        """
-        size = (int(image_size[0]), int(image_size[1]))
-        check_unet_input_size(*size, self.unet_channels)
-        self.image_size = size
-        self.input_size.copy_(torch.tensor(size))
-        self.top_k = top_k_for_size(size, self.top_k_at_256)
-        self.blur = anomaly_map_blur(size, self.blur_sigma)
-        self.backbone_input_size = self.fixed_backbone_input_size or backbone_size_for(size)
-
-    @property
-    def size_factor(self) -> int:
-        """Image sides must be multiples of this (the UNet's downsampling)."""
-        return unet_downsampling_factor(self.unet_channels)
 
     # ----------------------------------------------------------------- training
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -305,11 +282,6 @@ class MdpsModel(nn.Module):
         """D̄ of eq. 19 (the mean over each image's N_s samples), smoothed."""
         return self.blur(mean_over_samples(difference, self.num_samples))
 
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if self.backbone_input_size is not None:
-            images = F.interpolate(images, size=self.backbone_input_size, mode="bilinear", align_corners=False)
-        return self.feature_extractor(images)
-
     def noise_for(self, image_shape: Sequence[int]) -> torch.Tensor:
         """The (N + 1, N_s, C, H, W) sampling noise: drawn once from ``seed``, shared by all images.
 
@@ -336,10 +308,6 @@ class MdpsModel(nn.Module):
         finally:
             self.guidance = guidance
 
-    def _checked(self, images: torch.Tensor) -> torch.Tensor:
-        images = as_rgb_batch(images)
-        check_unet_input_size(images.shape[-2], images.shape[-1], self.unet_channels)
-        return images
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
