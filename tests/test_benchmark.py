@@ -11,7 +11,7 @@ from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # `benchmarks` lives beside src/, at the repository root
 
-from benchmarks.profiles import ProfileError, folder_dataset_entry, load_profile, pipeline_arguments
+from benchmarks.profiles import PROFILES_DIR, ProfileError, folder_dataset_entry, load_profile, pipeline_arguments
 from benchmarks.report import PIXEL_PLOT_PNG, PLOT_PNG, RESULTS_CSV, RESULTS_MD, merge_results, write_reports
 
 TABLE_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Score")
@@ -160,3 +160,23 @@ def test_baselines_get_the_same_offline_imagenet_weights_as_the_plugins_backbone
     assert all(torch.equal(theirs[name], ours[name]) for name in theirs)
     with pytest.raises(OfflineWeightsError, match="resnet18"):
         load_offline_backbone_weights(TimmFeatureExtractor("resnet18", layers=["layer1"], pre_trained=False))
+
+
+@pytest.mark.parametrize("profile_name", sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+def test_every_committed_profile_names_real_models_arguments_and_datasets(profile_name: str, tmp_path: Path) -> None:
+    """A typo in a profile or a preset (a renamed argument, a model or dataset anomalib lacks) fails
+    here, not an hour into a benchmark run.
+    """
+    import inspect
+
+    import anomalib.data
+    import anomalib.models
+
+    arguments = pipeline_arguments(load_profile(profile_name), output_dir=tmp_path)
+    for model in arguments["benchmark"]["model"]["grid"]:
+        model_class = getattr(anomalib.models, model["class_path"].rsplit(".", 1)[-1])
+        accepted = inspect.signature(model_class.__init__).parameters
+        unknown = sorted(set(model["init_args"]) - set(accepted))
+        assert not unknown, f"{profile_name}/{model['name']}: {model_class.__name__} takes no {unknown}"
+    for dataset in arguments["benchmark"]["data"]["grid"]:
+        assert hasattr(anomalib.data, dataset["class_path"]), dataset["class_path"]
