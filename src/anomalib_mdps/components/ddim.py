@@ -53,14 +53,15 @@ def ddim_inversion_step(
 
 
 def run_steps(
-    step: Callable[..., Any],
-    state: torch.Tensor | tuple[torch.Tensor, ...],
+    step: Callable[..., tuple[torch.Tensor, ...]],
+    state: tuple[torch.Tensor, ...],
     per_step: tuple[torch.Tensor, ...],
     fixed: tuple[torch.Tensor, ...] = (),
-) -> Any:  # noqa: ANN401
+) -> tuple[torch.Tensor, ...]:
     """state ← step(state, inputs_n, *fixed) for each n, ``inputs_n`` being the n-th slice of every tensor
-    in ``per_step``; ``fixed`` are tensors every step reads (``step`` must not capture tensors itself).
-    ``state`` is one tensor (x of a DDIM loop) or a tuple of them, which ``step`` returns alike.
+    in ``per_step``; ``state`` is a tuple of tensors (x of a DDIM loop, and whatever else a sampler
+    carries from step to step) and ``fixed`` are tensors every step reads (``step`` must not capture
+    tensors itself).
 
     Eager torch runs a Python loop (autograd inside ``step`` works). Under ``torch.export`` (and so
     ONNX export) the loop is one ``scan``: the exported graph holds the denoiser once, as the body
@@ -68,22 +69,16 @@ def run_steps(
     rides in the scan's carry, which OpenVINO's ONNX reader needs (it rejects a ``Scan`` whose body
     reads non-constant tensors from outside).
     """
-    single = isinstance(state, torch.Tensor)
-    carry = (state,) if single else tuple(state)
-    size = len(carry)
-
-    def advance(current: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...], *reads: torch.Tensor) -> tuple:
-        return (step(current[0], inputs, *reads),) if single else tuple(step(current, inputs, *reads))
-
     if not torch.compiler.is_exporting():
         for inputs in zip(*per_step, strict=True):
-            carry = advance(carry, inputs, *fixed)
-        return carry[0] if single else carry
+            state = tuple(step(state, inputs, *fixed))
+        return state
     from torch._higher_order_ops import scan
 
-    def body(current: list[torch.Tensor], inputs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:  # noqa: ANN401
-        new = advance(tuple(current[:size]), tuple(inputs), *current[size:])
-        return [*new, *(tensor.clone() for tensor in current[size:])], new[0].new_zeros(())
+    size = len(state)
 
-    final = scan(body, [*carry, *fixed], list(per_step))[0][:size]
-    return final[0] if single else tuple(final)
+    def body(carry: list[torch.Tensor], inputs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:  # noqa: ANN401
+        new = step(tuple(carry[:size]), tuple(inputs), *carry[size:])
+        return [*new, *(tensor.clone() for tensor in carry[size:])], new[0].new_zeros(())
+
+    return tuple(scan(body, [*state, *fixed], list(per_step))[0][:size])

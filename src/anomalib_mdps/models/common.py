@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.pre_processing import PreProcessor
@@ -25,6 +26,11 @@ class DiffusionModuleMixin:
     A test pass over images the last validation pass scored, with the model unchanged since,
     reuses those scores (see ``score_memo``). Their torch models keep an EMA denoiser.
     """
+
+    @property
+    def learning_type(self) -> LearningType:
+        """All of the plugin's models learn from normal images only."""
+        return LearningType.ONE_CLASS
 
     @property
     def score_memo(self) -> ScoreMemo:

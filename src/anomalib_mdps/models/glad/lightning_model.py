@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from anomalib.models.components import AnomalibModule
 
@@ -118,7 +117,3 @@ class Glad(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         """GLAD's anomaly-aware loss: half the images get a synthetic anomaly, all are led back to normal."""
         anomalous, _ = self.anomaly_generator(images)
         return self.model.training_loss(images, anomalous.clamp(0, 1))
-
-    @property
-    def learning_type(self) -> LearningType:
-        return LearningType.ONE_CLASS

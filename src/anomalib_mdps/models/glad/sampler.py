@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mdps.components import Denoiser, ddim_step_pairs, forward_diffusion, predicted_clean_image
+from anomalib_mdps.components import Denoiser, ddim_step_pairs, forward_diffusion, predicted_clean_image, top_k_mean_score
 from anomalib_mdps.components.ddim import run_steps
 from anomalib_mdps.components.images import is_tracing
 from anomalib_mdps.models.mdps.sampler import observation_epsilon
@@ -55,12 +55,6 @@ def nearest_neighbour_distance(query: list[torch.Tensor], reference: list[torch.
         distance = (1 - similarity).view(batch, 1, height, width)
         total = total + F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
     return total
-
-
-def top_k_mean(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of each sample's ``k`` largest values."""
-    flat = values.flatten(1)
-    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
 
 
 def spatially_adaptive_fusion(
@@ -120,7 +114,7 @@ def adaptive_reconstruction(
         if is_tracing() or not bool(locked.all()):
             x0_input = predicted_clean_image(forward_diffusion(y, noise, alpha_bar_t), epsilon, alpha_bar_t)
             distances = distance_map(x0_input, x0)
-            distance = top_k_mean(distances, top_k)
+            distance = top_k_mean_score(distances, top_k)
             recorded = this_step.view(1, -1).bool() & ~locked.view(-1, 1)
             trajectory = torch.where(recorded, distance.view(-1, 1), trajectory)
             exceeds = distance > lock_distance
@@ -130,8 +124,8 @@ def adaptive_reconstruction(
             x0 = torch.where(lock_now.view(-1, 1, 1, 1), chosen, x0)
             lock_level = torch.where(lock_now, level, lock_level)
             locked = locked | lock_now
-        x = alpha_bar_s.sqrt() * x0 + (1 - alpha_bar_s).sqrt() * epsilon
-        return x, locked, lock_level, trajectory
+        # Eq. 4 with σ = 0 around the chosen x̂0: the forward diffusion of x̂0 with ε_θ as its noise.
+        return forward_diffusion(x0, epsilon, alpha_bar_s), locked, lock_level, trajectory
 
     state = (
         forward_diffusion(y, noise, alpha_bar[start_level]),

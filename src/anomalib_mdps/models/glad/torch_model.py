@@ -9,7 +9,6 @@ offline EfficientNet-Lite's.
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -142,10 +141,10 @@ class GladModel(PixelSpaceModel):
         levels up to ``start_level``.
         """
         normal, anomalous = self._checked(normal) * 2 - 1, self._checked(anomalous) * 2 - 1
-        target = partial(
-            _anomaly_aware_target, anomalous=anomalous, alpha_bar=self.prior.alpha_bar,
-            num_train_timesteps=self.num_train_timesteps,
-        )
+
+        def target(x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return anomaly_aware_pair(x0, anomalous, noise, levels, self.prior.alpha_bar, self.num_train_timesteps)
+
         # Sampling never starts above T_max, so the prior learns only the levels it will be asked about.
         return self.prior.training_loss(normal, self.start_level, reduction="sum", target=target)
 
@@ -234,16 +233,3 @@ class GladModel(PixelSpaceModel):
         """Within this context ``forward`` can be captured as a graph: the start noise is a constant buffer."""
         self.noise_for((3, *self.image_size))
         yield
-
-
-
-def _anomaly_aware_target(
-    normal: torch.Tensor,
-    noise: torch.Tensor,
-    levels: torch.Tensor,
-    *,
-    anomalous: torch.Tensor,
-    alpha_bar: torch.Tensor,
-    num_train_timesteps: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return anomaly_aware_pair(normal, anomalous, noise, levels, alpha_bar, num_train_timesteps)

@@ -11,7 +11,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch.trainer.states import TrainerFn
@@ -183,7 +182,3 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
     def trainer_arguments(self) -> dict[str, Any]:
         """The diffusion defaults, but evaluation runs under ``inference_mode``: InvAD needs no gradients."""
         return {**self.diffusion_trainer_arguments(self.max_epochs), "inference_mode": True}
-
-    @property
-    def learning_type(self) -> LearningType:
-        return LearningType.ONE_CLASS

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.models.components import AnomalibModule
 
 from anomalib_mdps.models.common import DiffusionModuleMixin, ScanExportMixin
@@ -134,7 +133,3 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
     @classmethod
     def checkpoint_safe_globals(cls) -> Sequence[Any]:
         return (Guidance, GuidanceNorm, ThresholdMode)
-
-    @property
-    def learning_type(self) -> LearningType:
-        return LearningType.ONE_CLASS

@@ -165,7 +165,10 @@ def masked_posterior_sampling(
         raise ValueError(msg)
     pairs = torch.tensor(ddim_step_pairs(noise_level, num_steps), device=y.device)
 
-    def step(x: torch.Tensor, inputs: tuple[torch.Tensor, ...], y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def step(
+        state: tuple[torch.Tensor], inputs: tuple[torch.Tensor, ...], y: torch.Tensor, mask: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        (x,) = state
         timestep, alpha_bar_t, alpha_bar_s, step_noise = inputs
         region = mask if masked_guidance else torch.ones_like(mask)
         if guidance_scale == 0:
@@ -177,12 +180,13 @@ def masked_posterior_sampling(
             )
             epsilon_anomalous = guided_epsilon(epsilon_prior, gradient, alpha_bar_t, guidance_scale)
         epsilon = masked_posterior_epsilon(observation_epsilon(x, y, alpha_bar_t), epsilon_anomalous, mask)
-        return ddim_step(x, epsilon, alpha_bar_t, alpha_bar_s, eta, step_noise)
+        return (ddim_step(x, epsilon, alpha_bar_t, alpha_bar_s, eta, step_noise),)
 
     x = forward_diffusion(y, noise[0], alpha_bar[noise_level])  # Algorithm 1, line 2
     # The denoiser takes the timestep index, level − 1.
     per_step = (pairs[:, 0] - 1, alpha_bar[pairs[:, 0]], alpha_bar[pairs[:, 1]], noise[1:])
-    return run_steps(step, x, per_step, (y, torch.broadcast_to(mask, (y.shape[0], *mask.shape[1:])).contiguous()))
+    fixed = (y, torch.broadcast_to(mask, (y.shape[0], *mask.shape[1:])).contiguous())
+    return run_steps(step, (x,), per_step, fixed)[0]
 
 
 def anomalous_region_mask(

@@ -22,6 +22,7 @@ from anomalib_mdps.models.pixel_space import PixelSpaceModel
 from .anomaly_map import mean_over_samples, reconstruction_difference, weighted_terms
 from .sampler import Guidance, GuidanceNorm, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
 
+
 class MdpsOutput(NamedTuple):
     """Everything one MDPS scoring run produces, per input image."""
 
@@ -307,7 +308,6 @@ class MdpsModel(PixelSpaceModel):
             yield
         finally:
             self.guidance = guidance
-
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
