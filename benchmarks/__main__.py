@@ -1,8 +1,9 @@
-"""``python -m benchmarks --profile cpu``: models × datasets through anomalib's benchmark pipeline.
+"""``python -m benchmarks --profile cpu``: models × datasets, each job in its own process.
 
-Writes ``benchmarks/results/<profile>/results.csv``, ``results.md`` and
-``auroc_vs_latency.png``, merging with the rows already there. Exits non-zero when any
-job failed (after writing the rows of the jobs that succeeded).
+A plain loop (``benchmarks/README.md`` says why not anomalib's ``Benchmark`` pipeline): profile →
+jobs → each job trained and tested in a fresh process → rows → ``results/<profile>/results.csv``,
+``results.md`` and two plots, merged with the rows already there. Exits non-zero when any job
+failed, after writing the rows of the jobs that succeeded.
 """
 
 import argparse
@@ -16,66 +17,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from anomalib_mdps.console import hide_library_import_warnings
 
-from .profiles import PROFILES_DIR, ProfileError, load_profile, notes_for, parse_assignment, pipeline_arguments
+from .profiles import PROFILES_DIR, ProfileError, load_profile, notes_for, parse_assignment, plan_jobs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    names = lambda text: [name.strip() for name in text.split(",") if name.strip()]  # noqa: E731
     profiles = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
     parser.add_argument("--profile", required=True, help=f"one of {profiles}, or a path to a profile YAML")
-    parser.add_argument("--models", type=_names, help="comma-separated subset of the profile's models")
-    parser.add_argument("--datasets", type=_names, help="comma-separated subset of the datasets")
-    parser.add_argument(
-        "--data-root",
-        action="append",
-        default=[],
-        metavar="DATASET=PATH",
-        help="override a dataset's root directory (repeatable)",
-    )
-    parser.add_argument(
-        "--folder",
-        action="append",
-        default=[],
-        metavar="[NAME=]PATH",
-        help="add a Folder dataset: PATH/good (normal), PATH/<defect>/ (anomalous), optional PATH/mask/<defect>/",
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        help="where results go (default: benchmarks/results/<profile>); existing results there are merged",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch threads per job (overrides the profile); on a busy shared CPU 1 thread is "
-        "far faster than 2 that keep waiting for each other",
-    )
+    parser.add_argument("--models", type=names, help="comma-separated subset of the profile's models")
+    parser.add_argument("--datasets", type=names, help="comma-separated subset of the datasets")
+    parser.add_argument("--data-root", action="append", default=[], metavar="DATASET=PATH",
+                        help="override a dataset's root directory (repeatable)")
+    parser.add_argument("--folder", action="append", default=[], metavar="[NAME=]PATH",
+                        help="add a Folder dataset: PATH/good (normal), PATH/<defect>/ (anomalous), "
+                        "optional PATH/mask/<defect>/")
+    parser.add_argument("--output-dir", type=Path,
+                        help="where results go (default: benchmarks/results/<profile>); existing results are merged")
+    parser.add_argument("--threads", type=int, help="torch threads per job (overrides the profile); on a busy "
+                        "shared CPU 1 thread is far faster than 2 that keep waiting for each other")
     parser.add_argument("--list", action="store_true", help="print the jobs that would run, and exit")
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="run nothing: rewrite results.md and the plot from results.csv (e.g. after editing notes)",
-    )
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite results.md and the plots from results.csv (after editing notes)")
     return parser.parse_args(argv)
-
-
-def rewrite_report(profile: dict, output_dir: Path) -> int:
-    import pandas as pd
-
-    from .report import RESULTS_CSV, write_reports
-
-    if not (output_dir / RESULTS_CSV).is_file():
-        print(f"error: no {RESULTS_CSV} in {output_dir}", file=sys.stderr)
-        return 2
-    write_reports(output_dir, pd.DataFrame(), profile, lambda names: notes_for(profile, names))
-    print(f"Rewrote {output_dir / 'results.md'} and the plot from {RESULTS_CSV}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,43 +51,55 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = load_profile(args.profile)
         output_dir = (args.output_dir or RESULTS_DIR / profile["name"]).resolve()
-        if args.report_only:
-            return rewrite_report(profile, output_dir)
         data_roots = dict(parse_assignment(item, "--data-root") for item in args.data_root)
-        pipeline_args = pipeline_arguments(
-            profile, args.models, args.datasets, data_roots, args.folder, output_dir, args.threads
-        )
+        jobs = plan_jobs(profile, args.models, args.datasets, data_roots, args.folder, output_dir, args.threads)
     except ProfileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    benchmark_args = pipeline_args["benchmark"]
-    models = [spec["name"] for spec in benchmark_args["model"]["grid"]]
-    datasets = [spec["name"] for spec in benchmark_args["data"]["grid"]]
+    # Heavy imports (torch, anomalib) only once the arguments are known to be valid.
+    import pandas as pd
+
+    from .report import RESULTS_CSV, markdown_table, write_reports
+
+    notes = lambda names: notes_for(profile, names)  # noqa: E731
+    if args.report_only:
+        if not (output_dir / RESULTS_CSV).is_file():
+            print(f"error: no {RESULTS_CSV} in {output_dir}", file=sys.stderr)
+            return 2
+        write_reports(output_dir, pd.DataFrame(), profile, notes)
+        print(f"Rewrote {output_dir / 'results.md'} and the plots from {RESULTS_CSV}")
+        return 0
+    models = list(dict.fromkeys(job.model["name"] for job in jobs))
+    datasets = list(dict.fromkeys(job.dataset["name"] for job in jobs))
     print(f"Profile {profile['name']}: models {models} × datasets {datasets} → {output_dir}", flush=True)
     if args.list:
         return 0
 
-    # Heavy imports (torch, anomalib) only once the arguments are known to be valid.
-    from .pipeline import SideBySideBenchmark
-    from .report import write_reports
-    from .runner import JobsFailedError
+    from .job import run_in_own_process
 
-    failures = []
-    try:
-        results = SideBySideBenchmark().run(pipeline_args)
-    except JobsFailedError as error:
-        results, failures = error.results, error.failures
-    if not results.empty:
-        write_reports(output_dir, results, profile, lambda names: notes_for(profile, names))
+    rows, failures = [], []
+    for number, job in enumerate(jobs, start=1):
+        prefix = f"[{number}/{len(jobs)}] {job.title}"
+        print(f"{prefix}: running (log: {job.directory / 'job.log'})", flush=True)
+        job_started = time.perf_counter()
+        succeeded, outcome = run_in_own_process(job)
+        seconds = time.perf_counter() - job_started
+        if succeeded:
+            rows.append(outcome)
+            print(f"{prefix}: done in {seconds:.0f} s, image AUROC {outcome['image_AUROC']:.3f}, "
+                  f"{outcome['inference_ms_per_image']:.1f} ms/image", flush=True)
+        else:
+            failures.append((job, outcome))
+            print(f"{prefix}: FAILED after {seconds:.0f} s\n{outcome}", file=sys.stderr, flush=True)
+    if rows:
+        print(markdown_table(pd.DataFrame(rows)), flush=True)
+        write_reports(output_dir, pd.DataFrame(rows), profile, notes)
         print(f"Results merged into {output_dir}", flush=True)
     print(f"Wall time: {time.perf_counter() - started:.0f} s", flush=True)
-    if failures:
-        print(f"\n{len(failures)} job(s) failed:", file=sys.stderr)
-        for failure in failures:
-            last_line = failure.error.strip().splitlines()[-1]
-            print(f"- {failure.title}: {last_line} (full log: {failure.log_file})", file=sys.stderr)
-        return 1
-    return 0
+    for job, error in failures:
+        last_line = error.strip().splitlines()[-1]
+        print(f"FAILED {job.title}: {last_line} (log: {job.directory / 'job.log'})", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
-"""One benchmark job: train and test one model on one dataset, and measure it.
+"""One benchmark job: train and test one model on one dataset, in its own process, and measure it.
 
-It extends anomalib's ``BenchmarkJob`` where that job falls short:
-- the model and datamodule are built inside ``run`` (the job runs in its own process, so its
-  peak memory is its own) from plain settings, seeded before the model's random init;
-- per-model trainer settings (epochs, steps) reach the ``Engine``;
-- raw-score metrics, latency and peak memory are measured besides anomalib's test metrics;
-- ``collect`` accepts rows with different columns (models have different init args).
+The model and datamodule are built inside the job's process from the profile's plain settings
+(seeded before the model's random init), so its peak memory, glibc heap settings and a crash or
+out-of-memory kill stay with that job. Per-model trainer settings reach anomalib's ``Engine``;
+raw-score metrics, latency and peak memory are measured besides anomalib's test metrics.
 """
 
 import contextlib
 import ctypes
 import importlib
+import multiprocessing
 import os
 import platform
+import signal
+import sys
 import tempfile
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +26,16 @@ import torch
 from anomalib.data import AnomalibDataModule, get_datamodule
 from anomalib.engine import Engine
 from anomalib.models import AnomalibModule, UnknownModelError, get_model
-from anomalib.pipelines.benchmark.job import BenchmarkJob
+from anomalib.utils.config import flatten_dict
 from lightning import seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .measurements import RawOutputRecorder, ValidationTimer, median_ms_per_image, peak_rss_mb, raw_metrics
+from .measurements import Measurements, peak_rss_mb, raw_metrics
 from .offline_weights import load_offline_backbone_weights
+from .profiles import Job
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-# The columns of the results table, in order; everything else in the csv is detail.
-HEADLINE_COLUMNS = (
-    "model",
-    "dataset",
-    "image_AUROC",
-    "pixel_AUROC",
-    "pixel_AUPRO",
-    "image_F1Score",
-    "train_seconds",
-    "inference_ms_per_image",
-    "peak_rss_mb",
-)
+_PR_SET_PDEATHSIG = 1  # Linux prctl option
 
 
 def build_model(spec: dict[str, Any], job_dir: Path) -> AnomalibModule:
@@ -91,132 +83,124 @@ def set_malloc_mmap_threshold(threshold_bytes: int) -> None:
 
 def _stratified_indices(labels: pd.Series, limit: int, seed: int) -> list[int]:
     """Up to ``limit`` positions, split evenly between normal and anomalous samples."""
-    groups = [labels.index[labels == value] for value in sorted(labels.unique())]
-    share = max(1, limit // len(groups))
-    chosen: list[int] = []
-    for group in groups:
-        chosen.extend(pd.Series(group).sample(n=min(share, len(group)), random_state=seed).tolist())
-    return sorted(chosen)
+    share = max(1, limit // labels.nunique())
+    groups = labels.groupby(labels).groups.values()
+    return sorted(i for g in groups for i in pd.Series(g).sample(n=min(share, len(g)), random_state=seed))
 
 
 def build_datamodule(spec: dict[str, Any], model_data: dict[str, Any], seed: int) -> AnomalibDataModule:
     """The datamodule of a job spec, optionally subsampled (smoke runs)."""
-    init_args = {**spec["init_args"], **model_data}
-    # Latency is measured per test batch: evaluate one image at a time.
-    init_args["eval_batch_size"] = 1
+    # Latency is measured per batch: evaluate one image at a time.
+    init_args = {**spec["init_args"], **model_data, "eval_batch_size": 1}
     datamodule = get_datamodule({"class_path": spec["class_path"], "init_args": init_args})
     max_train, max_test = spec.get("max_train_images"), spec.get("max_test_images")
     if max_train or max_test:
         # Set up now, as the trainer would (it then keeps these subsets), and subsample.
         datamodule.setup(TrainerFn.FITTING)
         if max_train:
-            count = min(max_train, len(datamodule.train_data))
-            datamodule.train_data.subsample(list(range(count)), inplace=True)
-        if max_test:
-            for subset in ("test_data", "val_data"):
-                data = getattr(datamodule, subset, None)
-                if data is not None:
-                    data.subsample(_stratified_indices(data.samples.label_index, max_test, seed), inplace=True)
+            datamodule.train_data.subsample(list(range(min(max_train, len(datamodule.train_data)))), inplace=True)
+        for data in (getattr(datamodule, subset, None) for subset in ("test_data", "val_data") if max_test):
+            if data is not None:
+                data.subsample(_stratified_indices(data.samples.label_index, max_test, seed), inplace=True)
     return datamodule
 
 
-class SideBySideJob(BenchmarkJob):
-    """anomalib's benchmark job, built from settings and measuring more (see module docstring)."""
+def run_job(job: Job) -> dict[str, Any]:
+    """Train and test ``job``'s model in this process; one row of the results table."""
+    job_start = time.perf_counter()
+    job.directory.mkdir(parents=True, exist_ok=True)
+    if job.model.get("malloc_mmap_threshold"):
+        set_malloc_mmap_threshold(job.model["malloc_mmap_threshold"])
+    if job.settings.get("torch_threads"):
+        torch.set_num_threads(job.settings["torch_threads"])
+    seed_everything(job.settings["seed"])
+    model = build_model(job.model, job.directory)
+    datamodule = build_datamodule(job.dataset, job.model["data"], job.settings["seed"])
+    measured = Measurements(warmup_images=job.settings["warmup_images"])
+    with tempfile.TemporaryDirectory(dir=job.directory) as engine_dir:
+        engine = Engine(
+            accelerator=job.settings["accelerator"],
+            devices=1,
+            default_root_dir=engine_dir,
+            callbacks=[measured],
+            **job.model["trainer"],
+        )
+        fit_start = time.perf_counter()
+        engine.fit(model, datamodule)
+        test_start = time.perf_counter()
+        test_results = engine.test(model, datamodule)[0]
+        test_end = time.perf_counter()
+    fit_seconds = test_start - fit_start
+    labels = torch.cat(measured.labels)
+    config = flatten_dict({"seed": job.settings["seed"], "model": job.model, "data": job.dataset})
+    return {
+        "model": job.model["name"],
+        "dataset": job.dataset["name"],
+        **raw_metrics(measured),
+        "image_F1Score": test_results.get("image_F1Score", float("nan")),
+        "train_seconds": fit_seconds - measured.validation.seconds,
+        "inference_ms_per_image": measured.latency.median_ms,
+        "peak_rss_mb": peak_rss_mb(),
+        "fit_seconds": fit_seconds,
+        "validation_seconds": measured.validation.seconds,
+        "test_seconds": test_end - test_start,
+        "job_seconds": time.perf_counter() - job_start,
+        "train_images": len(datamodule.train_data),
+        "test_images": len(labels),
+        "anomalous_test_images": int(labels.sum()),
+        "timed_images": len(measured.latency),
+        "profile": job.settings["profile"],
+        "accelerator": job.settings["accelerator"],
+        "device": torch.cuda.get_device_name() if model.device.type == "cuda" else _cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        # Timings on a shared machine depend on what else runs: record how busy it was.
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+        "finished_at": pd.Timestamp.now().isoformat(timespec="seconds"),
+        # anomalib's own test metrics (after its post-processor), for comparison.
+        **{f"anomalib_{name}": value for name, value in test_results.items()},
+        **{f"config.{key}": _cell(value) for key, value in config.items()},
+    }
 
-    def __init__(
-        self,
-        accelerator: str,
-        seed: int,
-        model_spec: dict[str, Any],
-        data_spec: dict[str, Any],
-        settings: dict[str, Any],
-        flat_cfg: dict[str, Any],
-    ) -> None:
-        # No model/datamodule objects yet: they are built in run(), in the job's own process.
-        super().__init__(accelerator=accelerator, model=None, datamodule=None, seed=seed, flat_cfg=flat_cfg)
-        self.model_spec = model_spec
-        self.data_spec = data_spec
-        self.settings = settings
 
-    @property
-    def title(self) -> str:
-        return f"{self.model_spec['name']} × {self.data_spec['name']}"
+def _die_with_parent(parent_pid: int) -> None:
+    # A job must not outlive its command: a test's timeout, say, kills only the command's
+    # process, and the job would go on computing for nobody.
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
-    @property
-    def job_dir(self) -> Path:
-        return Path(self.settings["runs_dir"]) / f"{self.model_spec['name']}-{self.data_spec['name']}"
 
-    @property
-    def log_file(self) -> Path:
-        return self.job_dir / "job.log"
+def _run_job_here(job: Job, parent_pid: int) -> tuple[bool, Any]:
+    """Body of the job's process: its output to the job's log, errors returned as text."""
+    _die_with_parent(parent_pid)
+    job.directory.mkdir(parents=True, exist_ok=True)
+    log = (job.directory / "job.log").open("w", encoding="utf-8")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)  # also catches output of C extensions and Lightning's progress bars
+    os.dup2(log.fileno(), 2)
+    try:
+        return True, run_job(job)
+    except BaseException:  # noqa: BLE001  anything, so the parent can show it
+        error = traceback.format_exc()
+        print(error, file=sys.stderr, flush=True)
+        return False, error
 
-    def run(self, task_id: int | None = None) -> dict[str, Any]:
-        del task_id  # jobs run one at a time, each on the profile's accelerator
-        job_start = time.perf_counter()
-        self.job_dir.mkdir(parents=True, exist_ok=True)
-        if self.model_spec.get("malloc_mmap_threshold"):
-            set_malloc_mmap_threshold(self.model_spec["malloc_mmap_threshold"])
-        if self.settings.get("torch_threads"):
-            torch.set_num_threads(self.settings["torch_threads"])
-        seed_everything(self.seed)
-        self.model = build_model(self.model_spec, self.job_dir)
-        self.datamodule = build_datamodule(self.data_spec, self.model_spec["data"], self.seed)
-        validation = ValidationTimer(warmup_images=self.settings["warmup_images"])
-        recorder = RawOutputRecorder(warmup_images=self.settings["warmup_images"])
-        with tempfile.TemporaryDirectory(dir=self.job_dir) as engine_dir:
-            engine = Engine(
-                accelerator=self.accelerator,
-                devices=1,
-                default_root_dir=engine_dir,
-                callbacks=[validation, recorder],
-                **self.model_spec["trainer"],
-            )
-            fit_start = time.perf_counter()
-            engine.fit(self.model, self.datamodule)
-            test_start = time.perf_counter()
-            test_results = engine.test(self.model, self.datamodule)
-            test_end = time.perf_counter()
-        fit_seconds = test_start - fit_start
-        labels = torch.cat(recorder.labels)
-        latency_ms, timed_images = median_ms_per_image(validation, recorder)
-        return {
-            "model": self.model_spec["name"],
-            "dataset": self.data_spec["name"],
-            **raw_metrics(recorder),
-            "image_F1Score": test_results[0].get("image_F1Score", float("nan")),
-            "train_seconds": fit_seconds - validation.seconds,
-            "inference_ms_per_image": latency_ms,
-            "peak_rss_mb": peak_rss_mb(),
-            "fit_seconds": fit_seconds,
-            "validation_seconds": validation.seconds,
-            "test_seconds": test_end - test_start,
-            "job_seconds": time.perf_counter() - job_start,
-            "train_images": len(self.datamodule.train_data),
-            "test_images": len(labels),
-            "anomalous_test_images": int(labels.sum()),
-            "timed_images": timed_images,
-            "profile": self.settings["profile"],
-            "accelerator": self.accelerator,
-            "device": torch.cuda.get_device_name() if self.model.device.type == "cuda" else _cpu_name(),
-            "torch_threads": torch.get_num_threads(),
-            # Timings on a shared machine depend on what else runs: record how busy it was.
-            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-            "finished_at": pd.Timestamp.now().isoformat(timespec="seconds"),
-            # anomalib's own test metrics (after its post-processor), for comparison.
-            **{f"anomalib_{name}": value for name, value in test_results[0].items()},
-            **{f"config.{key}": _cell(value) for key, value in self.flat_cfg.items()},
-        }
 
-    @staticmethod
-    def collect(results: list[dict[str, Any]]) -> pd.DataFrame:
-        """One row per job; columns are the union over jobs (upstream raises KeyError instead)."""
-        return pd.DataFrame(results)
-
-    @staticmethod
-    def save(result: pd.DataFrame) -> None:
-        """Print this run's table; the files are written by the command (they merge runs)."""
-        if not result.empty:
-            BenchmarkJob._print_tabular_results(result[[c for c in HEADLINE_COLUMNS if c in result]].round(3))
+def run_in_own_process(job: Job) -> tuple[bool, Any]:
+    """``(True, row)`` or ``(False, error text)``; the job runs in a fresh process."""
+    # fork: a job starts in milliseconds with everything already imported (spawn would re-import
+    # torch and anomalib for every job). The parent never runs torch ops or touches CUDA, so
+    # forking it is safe.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(_run_job_here, job, os.getpid()).result()
+        except Exception as error:  # noqa: BLE001  the process died (killed, out of memory, crash)
+            return False, f"The job's process ended abnormally: {error!r}"
 
 
 def _cpu_name() -> str:

@@ -11,7 +11,6 @@ each dataset's original resolution. Nothing of the test set enters calibration.
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,9 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.console import hide_library_import_warnings
+from benchmarks.profiles import cpu_profile_datamodule
+from benchmarks.timing import PerImageTimes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = REPO_ROOT.parent / "shared" / "data"
-DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "bottle": ("MVTecAD", {"root": DATA / "mvtec_ad", "category": "bottle"}),
-    "kolektor": ("Kolektor", {"root": DATA / "kolektor"}),
-    "tire": ("MVTecAD", {"root": DATA / "mvtec_3d_rgb", "category": "tire"}),
-}
 # (height, width) per input-size setting; "aspect" ("aspect96") keeps each dataset's aspect ratio at a
 # 64 (96) px short side.
 SIZES = {"64": {"bottle": (64, 64), "kolektor": (64, 64), "tire": (64, 64), "demo": (64, 64)},
@@ -37,17 +31,15 @@ SIZES = {"64": {"bottle": (64, 64), "kolektor": (64, 64), "tire": (64, 64), "dem
 
 
 def datamodule(name: str, output: Path):
-    from anomalib import data
+    """A cpu-profile dataset (or the generated demo data), batch 8, seeded split."""
+    loader = {"train_batch_size": 8, "eval_batch_size": 8, "seed": 0}
+    if name != "demo":
+        return cpu_profile_datamodule(name, **loader)
+    from anomalib.data import MVTecAD
 
-    if name == "demo":
-        from anomalib_mdps.demo_data import make_demo_dataset
+    from anomalib_mdps.demo_data import make_demo_dataset
 
-        class_name, args = "MVTecAD", {"root": make_demo_dataset(output / "demo_data"), "category": "demo"}
-    else:
-        class_name, args = DATASETS[name]
-    module = getattr(data, class_name)(
-        **args, train_batch_size=8, eval_batch_size=8, num_workers=0, seed=0,
-    )
+    module = MVTecAD(root=make_demo_dataset(output / "demo_data"), category="demo", num_workers=0, **loader)
     module.setup()
     return module
 
@@ -75,9 +67,9 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
         max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         callbacks=[LossCurve()], accelerator="cpu", default_root_dir=output / "runs",
     )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=module)
-    seconds = time.perf_counter() - start
+    timer = PerImageTimes()
+    timer.call(lambda data: trainer.fit(model, datamodule=data), module)
+    seconds = timer.seconds
     torch.save({"state_dict": model.model.state_dict(), "calibration": model.held_out_images().cpu(),
                 "image_size": SIZES[size][name], "train_seconds": seconds, "losses": losses}, target)
     return target
@@ -97,11 +89,10 @@ def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -
     model.calibrate(resize(saved["calibration"], list(saved["image_size"]), antialias=True))
     scores, labels, maps, masks = [], [], [], []
     aupro = _AUPRO(fpr_limit=0.3)
-    start, count, evaluation_size = time.perf_counter(), 0, None
+    timer, evaluation_size = PerImageTimes(), None
     for batch in datamodule(name, output).test_dataloader():
         images = resize(batch.image, list(saved["image_size"]), antialias=True)
-        result = model.reconstruct(images)
-        count += images.shape[0]
+        result = timer.call(model.reconstruct, images, images=len(images))
         # Pixel metrics at the first test image's resolution (KolektorSDD's sizes vary by a few pixels).
         evaluation_size = evaluation_size or tuple(batch.gt_mask.shape[-2:])
         anomaly_map = F.interpolate(result.anomaly_map, size=evaluation_size, mode="bilinear").squeeze(1)
@@ -111,12 +102,11 @@ def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -
         maps.append(anomaly_map[:, ::2, ::2].flatten())
         masks.append(gt_mask[:, ::2, ::2].flatten())
         aupro.update(anomaly_map, gt_mask.int())
-    seconds = (time.perf_counter() - start) / count
     return {
         "image_auroc": roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy()),
         "pixel_auroc": roc_auc_score(torch.cat(masks).numpy().astype(int), torch.cat(maps).numpy()),
         "aupro": float(aupro.compute()),
-        "seconds_per_image": seconds,
+        "seconds_per_image": timer.seconds / max(timer.images, 1),
     }
 
 

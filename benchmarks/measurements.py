@@ -1,28 +1,29 @@
 """What a benchmark job measures besides anomalib's own test metrics.
 
-- Raw scores: anomalib's ``PostProcessor`` min-max normalises and clamps scores to [0, 1],
-  which creates ties and can move AUROC. :class:`RawOutputRecorder` copies each test batch's raw
-  ``pred_score`` and ``anomaly_map`` before the post-processor sees them, and
-  :func:`raw_metrics` computes AUROC/AUPRO on those, cross-checked against scikit-learn.
-- Latency: wall time of each validation batch (pre-processing + model), batch size 1, after
-  warm-up: the first time a model scores images. (The plugin's models reuse validation scores
-  in a test pass over the same images, so test batches would time a lookup.) Test batches
-  when a model has no validation pass.
-- Training time: Lightning's fit minus the time it spends scoring validation images.
-- Peak RSS: the job's own process (each job runs in a fresh process, see ``runner.py``).
+- Raw scores: anomalib's ``PostProcessor`` min-max normalises and clamps scores to [0, 1], which
+  creates ties and can move AUROC. :class:`Measurements` copies each test batch's raw
+  ``pred_score`` and ``anomaly_map`` before the post-processor sees them, and :func:`raw_metrics`
+  computes AUROC/AUPRO on those, cross-checked against scikit-learn.
+- Latency: each validation batch (pre-processing + model), batch size 1, after warm-up: the
+  first time a model scores images (the plugin's models reuse validation scores in a test pass
+  over the same images, so test batches would time a lookup); test batches when a model has no
+  validation pass.
+- Training time: Lightning's fit minus the time it spends scoring validation images (timed per
+  batch: PatchCore and PaDiM fit their memory bank in ``on_validation_start``, which is training).
+- Peak RSS: the job's own process (each job runs in a fresh process, see ``job.py``).
 """
 
 import resource
-import statistics
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
 from anomalib.metrics import AUPRO, AUROC
 from lightning.pytorch import Callback, LightningModule, Trainer
 from sklearn.metrics import roc_auc_score
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812
+
+from .timing import PerImageTimes
 
 # anomalib's AUROC and scikit-learn must agree on the same raw scores; a larger gap means a
 # metric pitfall (see NOTES §7, where a clamped pipeline reported exactly 0.5).
@@ -34,65 +35,35 @@ class MetricMismatchError(RuntimeError):
     """anomalib's metric and scikit-learn disagree on the same raw scores."""
 
 
-def _synchronize(module: LightningModule) -> None:
-    # CUDA kernels run asynchronously: without this, latency would only time the launch.
-    if module.device.type == "cuda":
-        torch.cuda.synchronize(module.device)
-
-
-class PerImageSeconds(list):
-    """Per-image seconds of timed batches, leaving out the first ``warmup_images`` images."""
-
-    def __init__(self, warmup_images: int) -> None:
-        super().__init__()
-        self.warmup_images = warmup_images
-        self._images_seen = 0
-
-    def add(self, elapsed: float, batch_size: int) -> None:
-        if self._images_seen >= self.warmup_images:
-            self.append(elapsed / batch_size)
-        self._images_seen += batch_size
-
-
-class ValidationTimer(Callback):
-    """Seconds ``fit`` spends scoring validation images (anomalib validates for thresholds), and
-    per image after ``warmup_images``.
-
-    Timed per batch: memory-bank models (PatchCore, PaDiM) fit their memory bank in
-    ``on_validation_start``, and that is training, not validation.
-    """
-
-    def __init__(self, warmup_images: int = 3) -> None:
-        self.seconds = 0.0
-        self.seconds_per_image = PerImageSeconds(warmup_images)
-        self._started = 0.0
-
-    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
-        _synchronize(pl_module)
-        self._started = time.perf_counter()
-
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, *args, **kwargs) -> None:
-        _synchronize(pl_module)
-        elapsed = time.perf_counter() - self._started
-        self.seconds += elapsed
-        self.seconds_per_image.add(elapsed, len(outputs.image))
-
-
-class RawOutputRecorder(Callback):
-    """Raw test outputs and per-image latency.
+class Measurements(Callback):
+    """Validation and test latency, and the raw test outputs.
 
     Trainer callbacks run before the model's own (pre-processor, post-processor, evaluator:
-    Lightning appends those from ``configure_callbacks``), so ``on_test_batch_start`` fires
-    before pre-processing and ``on_test_batch_end`` before the post-processor rewrites scores.
+    Lightning appends those from ``configure_callbacks``), so a batch's start fires before
+    pre-processing and its end before the post-processor rewrites scores.
     """
 
     def __init__(self, warmup_images: int = 3) -> None:
-        self.seconds_per_image = PerImageSeconds(warmup_images)
+        self.validation = PerImageTimes(warmup_images)
+        self.test = PerImageTimes(warmup_images)
         self.pred_scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.maps: list[torch.Tensor] = []
         self.masks: list[torch.Tensor] = []
-        self._started = 0.0
+
+    @staticmethod
+    def _synchronize(module: LightningModule) -> None:
+        # CUDA kernels run asynchronously: without this, latency would only time the launch.
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
+        self._synchronize(pl_module)
+        self.validation.start()
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, *args, **kwargs) -> None:
+        self._synchronize(pl_module)
+        self.validation.stop(len(outputs.image))
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         post_processor = getattr(pl_module, "post_processor", None)
@@ -102,14 +73,13 @@ class RawOutputRecorder(Callback):
             raise RuntimeError(msg)
 
     def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
-        _synchronize(pl_module)
-        self._started = time.perf_counter()
+        self._synchronize(pl_module)
+        self.test.start()
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, *args, **kwargs) -> None:
-        _synchronize(pl_module)
+        self._synchronize(pl_module)
         batch_size = len(outputs.image)
-        self.seconds_per_image.add(time.perf_counter() - self._started, batch_size)
-
+        self.test.stop(batch_size)
         anomaly_map = outputs.anomaly_map
         score = outputs.pred_score
         if score is None:  # the post-processor would take the map's maximum too
@@ -124,11 +94,10 @@ class RawOutputRecorder(Callback):
             self.maps.append(values[:, 0].cpu().clone())
             self.masks.append(mask)
 
-
-def median_ms_per_image(validation: ValidationTimer, recorder: "RawOutputRecorder") -> tuple[float, int]:
-    """Median latency and the number of images it is over: validation batches, else test batches."""
-    seconds = validation.seconds_per_image or recorder.seconds_per_image
-    return (1000 * statistics.median(seconds) if seconds else float("nan")), len(seconds)
+    @property
+    def latency(self) -> PerImageTimes:
+        """The timed pass: validation batches, else test batches."""
+        return self.validation if len(self.validation) else self.test
 
 
 def _unit_interval(values: torch.Tensor) -> torch.Tensor:
@@ -143,7 +112,7 @@ def _unit_interval(values: torch.Tensor) -> torch.Tensor:
     return (values - low) / (high - low) if high > low else torch.zeros_like(values)
 
 
-def _auroc(scores: torch.Tensor, targets: torch.Tensor, what: str) -> tuple[float, float]:
+def auroc(scores: torch.Tensor, targets: torch.Tensor, what: str) -> tuple[float, float]:
     """AUROC by anomalib's metric and by scikit-learn on the same raw values; they must agree."""
     metric = AUROC(fields=["scores", "targets"])
     metric.update(SimpleNamespace(scores=_unit_interval(scores), targets=targets))
@@ -155,22 +124,17 @@ def _auroc(scores: torch.Tensor, targets: torch.Tensor, what: str) -> tuple[floa
     return ours, reference
 
 
-def raw_metrics(recorder: RawOutputRecorder) -> dict[str, float]:
+def raw_metrics(measured: Measurements) -> dict[str, float]:
     """Image/pixel AUROC and AUPRO (FPR ≤ 0.3) from the raw scores of the test set."""
-    scores = torch.cat(recorder.pred_scores)
-    labels = torch.cat(recorder.labels)
-    nan = float("nan")
-    results = dict.fromkeys(
-        ("image_AUROC", "image_AUROC_sklearn", "pixel_AUROC", "pixel_AUROC_sklearn", "pixel_AUPRO"),
-        nan,
-    )
+    scores, labels = torch.cat(measured.pred_scores), torch.cat(measured.labels)
+    names = ("image_AUROC", "image_AUROC_sklearn", "pixel_AUROC", "pixel_AUROC_sklearn", "pixel_AUPRO")
+    results = dict.fromkeys(names, float("nan"))
     if labels.unique().numel() == 2:
-        results["image_AUROC"], results["image_AUROC_sklearn"] = _auroc(scores, labels, "image")
-    if recorder.maps:
-        maps = torch.cat(recorder.maps)
-        masks = torch.cat(recorder.masks)
+        results["image_AUROC"], results["image_AUROC_sklearn"] = auroc(scores, labels, "image")
+    if measured.maps:
+        maps, masks = torch.cat(measured.maps), torch.cat(measured.masks)
         if masks.any() and not masks.all():
-            results["pixel_AUROC"], results["pixel_AUROC_sklearn"] = _auroc(
+            results["pixel_AUROC"], results["pixel_AUROC_sklearn"] = auroc(
                 maps.reshape(-1), masks.reshape(-1).int(), "pixel"
             )
             aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=AUPRO_FPR_LIMIT)

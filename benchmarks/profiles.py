@@ -32,8 +32,9 @@ default ``../shared/data`` works from any working directory.
 
 from collections.abc import Iterable
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -55,29 +56,26 @@ class ProfileError(ValueError):
     """A profile, preset or command-line selection that cannot be run."""
 
 
-def profile_path(profile: str) -> Path:
-    """``cpu`` → ``benchmarks/profiles/cpu.yaml``; a path to a YAML file is used as is."""
-    candidate = Path(profile)
-    if candidate.suffix in {".yaml", ".yml"}:
-        return candidate.resolve()
-    path = PROFILES_DIR / f"{profile}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        msg = f"No profile {profile!r}; available: {available} (or pass a path to a YAML file)."
-        raise ProfileError(msg)
-    return path
+def _fail(message: str) -> NoReturn:
+    raise ProfileError(message)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as file:
+        return yaml.safe_load(file) or {}
 
 
 def load_profile(profile: str) -> dict[str, Any]:
-    path = profile_path(profile)
-    with path.open(encoding="utf-8") as file:
-        content = yaml.safe_load(file) or {}
+    """``cpu`` → ``benchmarks/profiles/cpu.yaml``; a path to a YAML file is used as is."""
+    path = Path(profile).resolve() if Path(profile).suffix in {".yaml", ".yml"} else PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        _fail(f"No profile {profile!r}; available: {sorted(p.stem for p in PROFILES_DIR.glob('*.yaml'))} "
+              "(or pass a path to a YAML file).")
+    content = _read_yaml(path)
     for section in ("models", "datasets"):
         if not isinstance(content.get(section), dict) or not content[section]:
-            msg = f"Profile {path} needs a non-empty '{section}' mapping."
-            raise ProfileError(msg)
-    content["name"] = path.stem
-    return content
+            _fail(f"Profile {path} needs a non-empty '{section}' mapping.")
+    return {**content, "name": path.stem}
 
 
 def repo_path(path: str | Path) -> Path:
@@ -87,78 +85,66 @@ def repo_path(path: str | Path) -> Path:
 
 def select(available: dict[str, Any], wanted: Iterable[str] | None, kind: str) -> dict[str, Any]:
     """Keep the entries named in ``wanted`` (all when ``None``), in the profile's order."""
-    if wanted is None:
-        return dict(available)
-    wanted = list(wanted)
+    wanted = list(available if wanted is None else wanted)
     unknown = [name for name in wanted if name not in available]
     if unknown:
-        msg = f"Unknown {kind} {unknown}; this profile has {list(available)}."
-        raise ProfileError(msg)
+        _fail(f"Unknown {kind} {unknown}; this profile has {list(available)}.")
     return {name: entry for name, entry in available.items() if name in wanted}
 
 
 def model_spec(name: str, entry: dict[str, Any]) -> dict[str, Any]:
     """One model's job settings; a ``preset`` supplies class, init args and trainer settings."""
     entry = deepcopy(entry or {})
-    class_path = entry.get("class_path")
-    init_args: dict[str, Any] = {}
-    trainer: dict[str, Any] = {}
-    data: dict[str, Any] = {}
+    class_path, init_args, trainer, data = entry.get("class_path"), {}, {}, {}
     if "preset" in entry:
         preset_file = repo_path(entry["preset"])
         if not preset_file.is_file():
-            msg = f"Model {name}: preset {entry['preset']} not found (looked for {preset_file})."
-            raise ProfileError(msg)
-        with preset_file.open(encoding="utf-8") as file:
-            preset = yaml.safe_load(file) or {}
-        preset_model = preset.get("model") or {}
-        class_path = class_path or preset_model.get("class_path")
-        init_args.update(preset_model.get("init_args") or {})
+            _fail(f"Model {name}: preset {entry['preset']} not found (looked for {preset_file}).")
+        preset = _read_yaml(preset_file)
+        class_path = class_path or (preset.get("model") or {}).get("class_path")
+        init_args.update((preset.get("model") or {}).get("init_args") or {})
         trainer.update({k: v for k, v in (preset.get("trainer") or {}).items() if k not in HARNESS_TRAINER_KEYS})
         preset_data = (preset.get("data") or {}).get("init_args") or {}
         data.update({k: preset_data[k] for k in PRESET_DATA_KEYS if k in preset_data})
     if not class_path:
-        msg = f"Model {name}: give a class_path or a preset."
-        raise ProfileError(msg)
+        _fail(f"Model {name}: give a class_path or a preset.")
     # The profile's own values refine the preset's (e.g. fewer epochs for a smoke run).
     init_args.update(entry.get("init_args") or {})
     trainer.update(entry.get("trainer") or {})
     data.update(entry.get("data") or {})
-    owned = HARNESS_TRAINER_KEYS.intersection(trainer)
-    if owned:
-        msg = f"Model {name}: trainer settings {sorted(owned)} are set by the benchmark itself."
-        raise ProfileError(msg)
+    if owned := HARNESS_TRAINER_KEYS.intersection(trainer):
+        _fail(f"Model {name}: trainer settings {sorted(owned)} are set by the benchmark itself.")
     return {
-        "name": name,
-        "class_path": class_path,
-        "init_args": init_args,
-        "trainer": trainer,
-        "data": data,
-        "image_size": entry.get("image_size"),
-        "empty_dirs": list(entry.get("empty_dirs") or []),
-        "malloc_mmap_threshold": entry.get("malloc_mmap_threshold"),
-        "preset": entry.get("preset"),
+        "name": name, "class_path": class_path, "init_args": init_args, "trainer": trainer, "data": data,
+        "image_size": entry.get("image_size"), "empty_dirs": list(entry.get("empty_dirs") or []),
+        "malloc_mmap_threshold": entry.get("malloc_mmap_threshold"), "preset": entry.get("preset"),
     }
 
 
 def dataset_spec(name: str, entry: dict[str, Any], defaults: dict[str, Any], root: str | None = None) -> dict[str, Any]:
     """One dataset's job settings, with its ``root`` resolved against the repository."""
-    entry = deepcopy(entry)
     if "class_path" not in entry:
-        msg = f"Dataset {name}: missing class_path."
-        raise ProfileError(msg)
-    init_args = {**deepcopy(defaults or {}), **(entry.get("init_args") or {})}
+        _fail(f"Dataset {name}: missing class_path.")
+    init_args = {**deepcopy(defaults or {}), **deepcopy(entry.get("init_args") or {})}
     if root is not None:
         init_args["root"] = root
     if init_args.get("root") is not None:
         init_args["root"] = str(repo_path(init_args["root"]))
-    return {
-        "name": name,
-        "class_path": entry["class_path"],
-        "init_args": init_args,
-        "max_train_images": entry.get("max_train_images"),
-        "max_test_images": entry.get("max_test_images"),
-    }
+    limits = {key: entry.get(key) for key in ("max_train_images", "max_test_images")}
+    return {"name": name, "class_path": entry["class_path"], "init_args": init_args, **limits}
+
+
+def cpu_profile_datamodule(name: str, **loader_args: Any):  # noqa: ANN201
+    """The cpu profile's dataset ``name`` as a set-up anomalib datamodule (for the scripts beside the harness)."""
+    from anomalib import data
+
+    profile = load_profile("cpu")
+    if name not in profile["datasets"]:
+        _fail(f"No dataset {name!r} in the cpu profile; it has {list(profile['datasets'])}.")
+    spec = dataset_spec(name, profile["datasets"][name], profile.get("data_defaults", {}))
+    module = getattr(data, spec["class_path"])(**{**spec["init_args"], "num_workers": 0, **loader_args})
+    module.setup()
+    return module
 
 
 def folder_dataset_entry(path: Path) -> dict[str, Any]:
@@ -170,45 +156,50 @@ def folder_dataset_entry(path: Path) -> dict[str, Any]:
     """
     path = path.expanduser().resolve()
     if not path.is_dir():
-        msg = f"Folder dataset {path} is not a directory."
-        raise ProfileError(msg)
+        _fail(f"Folder dataset {path} is not a directory.")
     subdirs = sorted(p.name for p in path.iterdir() if p.is_dir())
     normal = next((d for d in NORMAL_DIR_NAMES if d in subdirs), None)
     if normal is None:
-        msg = f"Folder dataset {path}: no normal-image directory named one of {NORMAL_DIR_NAMES}."
-        raise ProfileError(msg)
+        _fail(f"Folder dataset {path}: no normal-image directory named one of {NORMAL_DIR_NAMES}.")
     mask_root = next((d for d in MASK_DIR_NAMES if d in subdirs), None)
     abnormal = [d for d in subdirs if d not in {normal, mask_root}]
     if not abnormal:
-        msg = f"Folder dataset {path}: no anomalous-image directory beside {normal!r}."
-        raise ProfileError(msg)
-    mask_dir: list[str] | None = None
+        _fail(f"Folder dataset {path}: no anomalous-image directory beside {normal!r}.")
+    mask_dir = None
     if mask_root is not None:
         per_defect = [f"{mask_root}/{d}" for d in abnormal]
         mask_dir = per_defect if all((path / m).is_dir() for m in per_defect) else [mask_root]
-    return {
-        "class_path": "Folder",
-        "init_args": {
-            "name": path.name,
-            "root": str(path),
-            "normal_dir": normal,
-            "abnormal_dir": abnormal,
-            "mask_dir": mask_dir,
-            # Like MVTecAD and Kolektor here: thresholds come from the test images.
-            "val_split_mode": "same_as_test",
-        },
-    }
+    # Like MVTecAD and Kolektor here: thresholds come from the test images.
+    init_args = {"name": path.name, "root": str(path), "normal_dir": normal, "abnormal_dir": abnormal,
+                 "mask_dir": mask_dir, "val_split_mode": "same_as_test"}
+    return {"class_path": "Folder", "init_args": init_args}
 
 
 def parse_assignment(text: str, option: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
-        msg = f"{option} expects NAME=VALUE, got {text!r}."
-        raise ProfileError(msg)
+        _fail(f"{option} expects NAME=VALUE, got {text!r}.")
     return name, value
 
 
-def pipeline_arguments(
+@dataclass(frozen=True)
+class Job:
+    """One model trained and tested on one dataset, with the run's settings."""
+
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    settings: dict[str, Any]
+
+    @property
+    def title(self) -> str:
+        return f"{self.model['name']} × {self.dataset['name']}"
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.settings["runs_dir"]) / f"{self.model['name']}-{self.dataset['name']}"
+
+
+def plan_jobs(
     profile: dict[str, Any],
     models: Iterable[str] | None = None,
     datasets: Iterable[str] | None = None,
@@ -216,49 +207,36 @@ def pipeline_arguments(
     folders: Iterable[str] = (),
     output_dir: Path | None = None,
     torch_threads: int | None = None,
-) -> dict[str, Any]:
-    """The configuration anomalib's Benchmark pipeline expands into jobs (one per model × dataset)."""
+) -> list[Job]:
+    """One job per model × dataset of the selection, models in the profile's order."""
     all_datasets = dict(profile["datasets"])
     for folder in folders:
         name, path = folder.split("=", 1) if "=" in folder else (Path(folder).name, folder)
         if name in all_datasets:
-            msg = f"--folder {folder}: the profile already has a dataset named {name!r}."
-            raise ProfileError(msg)
+            _fail(f"--folder {folder}: the profile already has a dataset named {name!r}.")
         all_datasets[name] = folder_dataset_entry(Path(path))
     data_roots = data_roots or {}
-    unknown_roots = [name for name in data_roots if name not in all_datasets]
-    if unknown_roots:
-        msg = f"--data-root for unknown datasets {unknown_roots}; this run has {list(all_datasets)}."
-        raise ProfileError(msg)
-    chosen_datasets = select(all_datasets, datasets, "datasets")
-    chosen_models = select(profile["models"], models, "models")
+    if unknown := [name for name in data_roots if name not in all_datasets]:
+        _fail(f"--data-root for unknown datasets {unknown}; this run has {list(all_datasets)}.")
     defaults = profile.get("data_defaults") or {}
-    return {
+    dataset_specs = [dataset_spec(name, entry, defaults, data_roots.get(name))
+                     for name, entry in select(all_datasets, datasets, "datasets").items()]
+    settings = {
+        "profile": profile["name"],
         "accelerator": profile.get("accelerator", "cpu"),
-        "benchmark": {
-            "seed": profile.get("seed", 0),
-            "settings": {
-                "profile": profile["name"],
-                "warmup_images": profile.get("warmup_images", 3),
-                "torch_threads": torch_threads or profile.get("torch_threads"),
-                "runs_dir": str((output_dir or Path()) / "runs"),
-            },
-            # anomalib's grid syntax: one job per (model, dataset) pair.
-            "model": {"grid": [model_spec(name, entry) for name, entry in chosen_models.items()]},
-            "data": {
-                "grid": [
-                    dataset_spec(name, entry, defaults, data_roots.get(name)) for name, entry in chosen_datasets.items()
-                ],
-            },
-        },
+        "seed": profile.get("seed", 0),
+        "warmup_images": profile.get("warmup_images", 3),
+        "torch_threads": torch_threads or profile.get("torch_threads"),
+        "runs_dir": str((output_dir or Path()) / "runs"),
     }
+    return [Job(model_spec(name, entry), dataset, settings)
+            for name, entry in select(profile["models"], models, "models").items() for dataset in dataset_specs]
 
 
 def notes_for(profile: dict[str, Any], model_names: Iterable[str]) -> list[str]:
     """The profile's general notes, then the notes of the models in the table."""
     notes = list(profile.get("notes") or [])
     for name in model_names:
-        note = (profile["models"].get(name) or {}).get("note")
-        if note:
+        if note := (profile["models"].get(name) or {}).get("note"):
             notes.append(f"{name}: {note.strip()}")
     return notes

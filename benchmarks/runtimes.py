@@ -6,16 +6,19 @@ Runs the dataset's whole test set (from the cpu profile's dataset list) at batch
 torch (the exportable variant; for Mdps, guidance without autograd) as it is, with channels-last
 weights, under bf16 autocast and with the denoiser compiled by ``torch.compile``; then through
 ONNX Runtime, OpenVINO at f32 and at its default precision (bf16 on CPUs that support it), and
-OpenVINO INT8 from NNCF post-training quantisation on training images. Per row: image and pixel
-AUROC on raw scores (anomalib's metric, cross-checked by scikit-learn), median ms/image at batch
-1 after warm-up and at batch 8, and the seconds its export (or compilation) took. Writes
-``<model>_runtimes.{csv,md}`` and prints the table.
+OpenVINO INT8 from NNCF post-training quantisation on training images; and eager torch from the
+image file (reading and decoding included, as a user's loop pays it). The other rows get images
+already resized by the pre-processor's training transform (antialiased); the from-file row resizes
+inside the model as exported models do (anomalib's export transform: no antialiasing), so its
+AUROC can differ a little. Per row: image and pixel
+AUROC on raw scores (anomalib's metric, cross-checked by scikit-learn), median wall-clock and
+process-CPU ms/image at batch 1 after warm-up, ms/image at batch 8, and the seconds its export
+(or compilation) took. Writes ``<model>_runtimes.{csv,md}`` and prints the table.
 """
 
 import argparse
 import csv
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,60 +28,45 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.profiles import cpu_profile_datamodule  # noqa: E402
+from benchmarks.timing import PerImageTimes  # noqa: E402
+
 WARMUP_IMAGES = 2
 QUANTISATION_IMAGES = 16
 BATCH_8_RUNS = 3
-
-
-def _datamodule(name: str):
-    """The named dataset of the cpu profile, loading one image per batch."""
-    from anomalib import data
-
-    from benchmarks.profiles import dataset_spec, load_profile
-
-    profile = load_profile("cpu")
-    spec = dataset_spec(name, profile["datasets"][name], profile.get("data_defaults", {}))
-    init_args = {**spec["init_args"], "train_batch_size": 1, "eval_batch_size": 1, "num_workers": 0}
-    module = getattr(data, spec["class_path"])(**init_args)
-    module.setup()
-    return module
 
 
 def _batch_ms(run: Callable, images: list) -> float:
     """Median ms/image of ``run`` on batches of 8 images, after one warm-up batch."""
     import torch
 
-    batches = [torch.cat(images[i : i + 8]) for i in range(0, len(images) - 7, 8)][:BATCH_8_RUNS + 1]
-    times = []
+    batches = [torch.cat(images[i : i + 8]) for i in range(0, len(images) - 7, 8)][: BATCH_8_RUNS + 1]
+    times = PerImageTimes(warmup_images=8)
     for batch in batches:
-        start = time.perf_counter()
-        run(batch)
-        times.append((time.perf_counter() - start) * 1000 / len(batch))
-    return statistics.median(times[1:])
+        times.call(run, batch, images=len(batch))
+    return times.median_ms
 
 
-def _score(run: Callable, batches: list) -> tuple[dict[str, float], float]:
-    """Image and pixel AUROC of ``run`` (image tensor → score, map) over ``batches``, and its ms/image."""
+def _score(run: Callable, batches: list) -> tuple[dict[str, float], PerImageTimes]:
+    """Image and pixel AUROC of ``run`` (input → score, map) over ``batches``, and its timings."""
     import torch
     from torch.nn import functional as F  # noqa: N812
 
-    from benchmarks.measurements import _auroc
+    from benchmarks.measurements import auroc
 
-    scores, labels, maps, masks, times = [], [], [], [], []
-    for index, (image, label, mask) in enumerate(batches):
-        start = time.perf_counter()
-        score, anomaly_map = run(image)
-        if index >= WARMUP_IMAGES:
-            times.append((time.perf_counter() - start) * 1000)
+    times = PerImageTimes(WARMUP_IMAGES)
+    scores, labels, maps, masks = [], [], [], []
+    for model_input, label, mask in batches:
+        score, anomaly_map = times.call(run, model_input)
         scores.append(torch.as_tensor(score).reshape(-1).double())
         labels.append(label)
         # Pixel metrics at the mask's resolution, every second pixel (the ablation's convention).
         anomaly_map = torch.as_tensor(anomaly_map).reshape(1, 1, *anomaly_map.shape[-2:]).float()
         maps.append(F.interpolate(anomaly_map, size=mask.shape[-2:], mode="bilinear")[..., ::2, ::2].flatten())
         masks.append(mask[..., ::2, ::2].flatten())
-    image_auroc, _ = _auroc(torch.cat(scores), torch.cat(labels).int(), "image")
-    pixel_auroc, _ = _auroc(torch.cat(maps), torch.cat(masks).int(), "pixel")
-    return {"image_AUROC": image_auroc, "pixel_AUROC": pixel_auroc}, statistics.median(times)
+    image_auroc, _ = auroc(torch.cat(scores), torch.cat(labels).int(), "image")
+    pixel_auroc, _ = auroc(torch.cat(maps), torch.cat(masks).int(), "pixel")
+    return {"image_AUROC": image_auroc, "pixel_AUROC": pixel_auroc}, times
 
 
 def _write_profile(model, images: list, target: Path) -> None:  # noqa: ANN001
@@ -134,10 +122,11 @@ def _eager_variant(model, variant: str) -> Iterator[float]:  # noqa: ANN001
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, choices=["Mdps", "InvAD"])
+    parser.add_argument("--model", required=True, choices=["Mdps", "InvAD", "Glad"])
     parser.add_argument("--ckpt", required=True, type=Path)
     parser.add_argument("--dataset", default="bottle", help="a dataset of the cpu profile")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out rows whose name contains one of these")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/runtimes"))
     arguments = parser.parse_args()
 
@@ -146,20 +135,25 @@ def main() -> None:
     import openvino
     import torch
 
+    from anomalib.data.utils import read_image
+
     from anomalib_mdps import models
 
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
     model = getattr(models, arguments.model).load_from_checkpoint(arguments.ckpt, map_location="cpu").eval()
     size = tuple(int(v) for v in model.model.input_size) if hasattr(model.model, "input_size") else None
     resize = model.pre_processor.transform
-    module = _datamodule(arguments.dataset)
-    batches = [(resize(b.image), b.gt_label, b.gt_mask.bool()) for b in module.test_dataloader()]
+    module = cpu_profile_datamodule(arguments.dataset, train_batch_size=1, eval_batch_size=1)
+    test_batches = list(module.test_dataloader())
+    batches = [(resize(b.image), b.gt_label, b.gt_mask.bool()) for b in test_batches]
+    files = [(b.image_path[0], b.gt_label, b.gt_mask.bool()) for b in test_batches]
     images = [image for image, _, _ in batches]
     export_root = Path(tempfile.mkdtemp(prefix=f"{arguments.model}_export_"))  # model files stay out of the repo
-    rows: list[tuple[str, float | None, dict[str, float], float, float]] = []
-
+    rows: list[tuple[str, float | None, dict[str, float], PerImageTimes, float]] = []
     failures: list[str] = []
 
-    def add(name: str, setup_seconds: float | None, run: Callable) -> None:
+    def add(name: str, setup_seconds: float | None, run: Callable, inputs: list | None = None) -> None:
         if any(word in name for word in arguments.skip):
             return
         try:
@@ -168,13 +162,13 @@ def main() -> None:
                 start = time.perf_counter()
                 run(images[0])
                 setup_seconds += time.perf_counter() - start
-            metrics, ms = _score(run, batches)
-            rows.append((name, setup_seconds, metrics, ms, _batch_ms(run, images)))
+            metrics, times = _score(run, inputs or batches)
+            rows.append((name, setup_seconds, metrics, times, float("nan") if inputs else _batch_ms(run, images)))
         except Exception as error:  # noqa: BLE001  # a runtime that cannot run this model is a result too
             failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
             print(failures[-1], flush=True)
             return
-        print(f"{name}: {metrics} {ms:.0f} ms/image at batch 1, {rows[-1][-1]:.0f} at batch 8", flush=True)
+        print(f"{name}: {metrics} {times.median_ms:.0f} ms/image at batch 1, {rows[-1][-1]:.0f} at batch 8", flush=True)
 
     def eager(image: torch.Tensor) -> tuple:
         output = model(image)
@@ -185,6 +179,9 @@ def main() -> None:
         for variant in ("f32", "channels-last", "bf16 autocast", "torch.compile"):
             with _eager_variant(model, variant) as setup_seconds:
                 add(f"eager torch, {variant}", setup_seconds if variant == "torch.compile" else None, eager)
+        # What a user's loop pays per image: reading and decoding the file, pre-processing, the model.
+        add("eager torch, f32, from the image file", None,
+            lambda path: eager(read_image(path, as_tensor=True).unsqueeze(0)), files)
 
     start = time.perf_counter()
     onnx_path = model.to_onnx(export_root, input_size=size)
@@ -227,12 +224,16 @@ def main() -> None:
         f"{arguments.model} from {arguments.ckpt.name} on the {arguments.dataset} test set ({len(batches)} images; "
         f"batch 1: median over images after {WARMUP_IMAGES} warm-up; batch 8: median of {BATCH_8_RUNS} batches "
         f"after one), torch threads {torch.get_num_threads()}, 1-min load {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores. Export s: ONNX export (+ conversion, + quantisation) or compilation."
+        f"{os.cpu_count()} cores. Export s: ONNX export (+ conversion, + quantisation) or compilation. "
+        "CPU ms: the process's CPU time per image at batch 1 (all threads; unlike the wall clock, "
+        "not slowed down by other processes)."
     )
-    columns = ["runtime", "export_seconds", "image_AUROC", "pixel_AUROC", "ms_per_image_batch_1", "ms_per_image_batch_8"]
+    columns = ["runtime", "export_seconds", "image_AUROC", "pixel_AUROC", "ms_per_image_batch_1",
+               "cpu_ms_per_image_batch_1", "ms_per_image_batch_8"]
     cells = [
-        [name, f"{s:.1f}" if s else "–", f"{m['image_AUROC']:.4f}", f"{m['pixel_AUROC']:.4f}", f"{ms1:.0f}", f"{ms8:.0f}"]
-        for name, s, m, ms1, ms8 in rows
+        [name, f"{s:.1f}" if s else "–", f"{m['image_AUROC']:.4f}", f"{m['pixel_AUROC']:.4f}",
+         f"{times.median_ms:.0f}", f"{times.median_cpu_ms:.0f}", "–" if ms8 != ms8 else f"{ms8:.0f}"]
+        for name, s, m, times, ms8 in rows
     ]
     with (arguments.output / f"{arguments.model}_runtimes.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([columns, *cells])

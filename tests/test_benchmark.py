@@ -11,7 +11,7 @@ from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # `benchmarks` lives beside src/, at the repository root
 
-from benchmarks.profiles import PROFILES_DIR, ProfileError, folder_dataset_entry, load_profile, pipeline_arguments
+from benchmarks.profiles import PROFILES_DIR, ProfileError, folder_dataset_entry, load_profile, plan_jobs
 from benchmarks.report import PIXEL_PLOT_PNG, PLOT_PNG, RESULTS_CSV, RESULTS_MD, merge_results, write_reports
 
 TABLE_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Score")
@@ -136,12 +136,11 @@ def test_model_settings_come_from_the_preset_and_the_profile(tmp_path: Path) -> 
         "datasets": {"bottle": {"class_path": "MVTecAD", "init_args": {"root": "../shared/data/mvtec_ad"}}},
         "models": {"Mdps": {"preset": str(preset), "init_args": {"max_epochs": 1}}},
     }
-    arguments = pipeline_arguments(profile, output_dir=tmp_path)
-    (model,) = arguments["benchmark"]["model"]["grid"]
+    (job,) = plan_jobs(profile, output_dir=tmp_path)
+    model, dataset = job.model, job.dataset
     assert model["init_args"] == {"image_size": [32, 32], "max_epochs": 1}  # the profile refines the preset
     assert model["trainer"] == {"max_epochs": 5}  # the harness owns the accelerator
     assert model["data"] == {"train_batch_size": 4}  # the preset's dataset itself is not used
-    (dataset,) = arguments["benchmark"]["data"]["grid"]
     assert Path(dataset["init_args"]["root"]) == (REPO_ROOT / "../shared/data/mvtec_ad").resolve()
 
 
@@ -172,11 +171,25 @@ def test_every_committed_profile_names_real_models_arguments_and_datasets(profil
     import anomalib.data
     import anomalib.models
 
-    arguments = pipeline_arguments(load_profile(profile_name), output_dir=tmp_path)
-    for model in arguments["benchmark"]["model"]["grid"]:
+    jobs = plan_jobs(load_profile(profile_name), output_dir=tmp_path)
+    for model in {job.model["name"]: job.model for job in jobs}.values():
         model_class = getattr(anomalib.models, model["class_path"].rsplit(".", 1)[-1])
         accepted = inspect.signature(model_class.__init__).parameters
         unknown = sorted(set(model["init_args"]) - set(accepted))
         assert not unknown, f"{profile_name}/{model['name']}: {model_class.__name__} takes no {unknown}"
-    for dataset in arguments["benchmark"]["data"]["grid"]:
+    for dataset in (job.dataset for job in jobs):
         assert hasattr(anomalib.data, dataset["class_path"]), dataset["class_path"]
+
+
+def test_per_image_times_leave_out_warm_up_images_and_divide_by_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import timing
+
+    clock = iter(range(0, 100, 2))  # every reading 2 s after the last: each call takes 2 s
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    times = timing.PerImageTimes(warmup_images=2)
+    outputs = [times.call(lambda x: x * 10, value, images=images) for value, images in ((1, 1), (2, 1), (3, 4))]
+    assert outputs == [10, 20, 30]
+    assert times.wall_ms == [500.0]  # the 4-image batch after the two warm-up images: 2 s / 4
+    assert times.images == 6
+    assert times.seconds == 6
+    assert times.median_ms == 500.0
