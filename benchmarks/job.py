@@ -99,9 +99,9 @@ def build_datamodule(spec: dict[str, Any], model_data: dict[str, Any], seed: int
         datamodule.setup(TrainerFn.FITTING)
         if max_train:
             datamodule.train_data.subsample(list(range(min(max_train, len(datamodule.train_data)))), inplace=True)
-        for data in (getattr(datamodule, subset, None) for subset in ("test_data", "val_data") if max_test):
-            if data is not None:
-                data.subsample(_stratified_indices(data.samples.label_index, max_test, seed), inplace=True)
+        subsets = [getattr(datamodule, name, None) for name in ("test_data", "val_data")] if max_test else []
+        for data in (subset for subset in subsets if subset is not None):
+            data.subsample(_stratified_indices(data.samples.label_index, max_test, seed), inplace=True)
     return datamodule
 
 

@@ -52,7 +52,7 @@ def markdown_table(results: pd.DataFrame) -> str:
     def cell(value: object, template: str) -> str:
         return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else template.format(value)
 
-    lines = ["| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |", "|---|---|" + "---:|" * 7]
+    lines = ["| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |", "|---|---|" + "---:|" * (len(TABLE_COLUMNS) - 2)]
     for _, row in results.iterrows():
         lines.append("| " + " | ".join(cell(row.get(column), template) for column, _, template in TABLE_COLUMNS) + " |")
     return "\n".join(lines)

@@ -150,7 +150,7 @@ def main() -> None:
     files = [(b.image_path[0], b.gt_label, b.gt_mask.bool()) for b in test_batches]
     images = [image for image, _, _ in batches]
     export_root = Path(tempfile.mkdtemp(prefix=f"{arguments.model}_export_"))  # model files stay out of the repo
-    rows: list[tuple[str, float | None, dict[str, float], PerImageTimes, float]] = []
+    rows: list[tuple[str, float | None, dict[str, float], PerImageTimes, float | None]] = []
     failures: list[str] = []
 
     def add(name: str, setup_seconds: float | None, run: Callable, inputs: list | None = None) -> None:
@@ -163,12 +163,13 @@ def main() -> None:
                 run(images[0])
                 setup_seconds += time.perf_counter() - start
             metrics, times = _score(run, inputs or batches)
-            rows.append((name, setup_seconds, metrics, times, float("nan") if inputs else _batch_ms(run, images)))
+            rows.append((name, setup_seconds, metrics, times, None if inputs else _batch_ms(run, images)))
         except Exception as error:  # noqa: BLE001  # a runtime that cannot run this model is a result too
             failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
             print(failures[-1], flush=True)
             return
-        print(f"{name}: {metrics} {times.median_ms:.0f} ms/image at batch 1, {rows[-1][-1]:.0f} at batch 8", flush=True)
+        batch_8 = "" if rows[-1][-1] is None else f", {rows[-1][-1]:.0f} at batch 8"
+        print(f"{name}: {metrics} {times.median_ms:.0f} ms/image at batch 1{batch_8}", flush=True)
 
     def eager(image: torch.Tensor) -> tuple:
         output = model(image)
@@ -232,7 +233,7 @@ def main() -> None:
                "cpu_ms_per_image_batch_1", "ms_per_image_batch_8"]
     cells = [
         [name, f"{s:.1f}" if s else "–", f"{m['image_AUROC']:.4f}", f"{m['pixel_AUROC']:.4f}",
-         f"{times.median_ms:.0f}", f"{times.median_cpu_ms:.0f}", "–" if ms8 != ms8 else f"{ms8:.0f}"]
+         f"{times.median_ms:.0f}", f"{times.median_cpu_ms:.0f}", "–" if ms8 is None else f"{ms8:.0f}"]
         for name, s, m, times, ms8 in rows
     ]
     with (arguments.output / f"{arguments.model}_runtimes.csv").open("w", newline="") as handle:

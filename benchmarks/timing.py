@@ -8,7 +8,7 @@ kept beside the wall clock because other processes on a shared CPU slow only the
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 
@@ -42,10 +42,6 @@ class PerImageTimes:
         result = function(argument)
         self.stop(images)
         return result
-
-    def map(self, function: Callable[[Any], Any], arguments: Iterable[Any]) -> list[Any]:
-        """``function`` on each argument (one image each), timed; returns the results."""
-        return [self.call(function, argument) for argument in arguments]
 
     @property
     def median_ms(self) -> float:
