@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch.nn import functional as F  # noqa: N812
 from anomalib_mdps.console import hide_library_import_warnings
 from benchmarks.profiles import cpu_profile_datamodule
 from benchmarks.timing import PerImageTimes
+
+if TYPE_CHECKING:
+    from anomalib_mdps.models.mdps import MdpsModel
 
 # (height, width) per input-size setting; "aspect" ("aspect96") keeps each dataset's aspect ratio at a
 # 64 (96) px short side.
@@ -76,17 +79,33 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
     return target
 
 
+CALIBRATION_BUFFERS = frozenset({"term_scale", "normal_mask_threshold", "calibrated"})
+
+
+def load_denoiser(saved: dict[str, Any], settings: dict[str, Any]) -> "MdpsModel":
+    """An eval-mode ``MdpsModel`` with the saved denoiser and a row's settings, not yet calibrated.
+
+    Weights of an older layout of the model are refused rather than leaving an untrained denoiser
+    to score the test set (``load_state_dict(strict=False)`` alone would).
+    """
+    from anomalib_mdps.models.mdps import MdpsModel
+
+    model = MdpsModel(image_size=saved["image_size"], **settings).eval()
+    state = {k: v for k, v in saved["state_dict"].items() if k not in CALIBRATION_BUFFERS}
+    incompatible = model.load_state_dict(state, strict=False)
+    if incompatible.unexpected_keys or set(incompatible.missing_keys) - CALIBRATION_BUFFERS:
+        msg = f"The saved denoiser does not fit MdpsModel ({incompatible}); delete the weights file to retrain."
+        raise RuntimeError(msg)
+    return model
+
+
 def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -> dict[str, float]:
     from anomalib.metrics.aupro import _AUPRO
     from sklearn.metrics import roc_auc_score
     from torchvision.transforms.v2.functional import resize
 
-    from anomalib_mdps.models.mdps import MdpsModel
-
     saved = torch.load(weights, weights_only=False)
-    model = MdpsModel(image_size=saved["image_size"], **settings).eval()
-    state = {k: v for k, v in saved["state_dict"].items() if k not in {"term_scale", "normal_mask_threshold", "calibrated"}}
-    model.load_state_dict(state, strict=False)
+    model = load_denoiser(saved, settings)
     model.calibrate(resize(saved["calibration"], list(saved["image_size"]), antialias=True))
     scores, labels, maps, masks = [], [], [], []
     aupro = _AUPRO(fpr_limit=0.3)

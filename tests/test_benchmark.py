@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT
+import torch
+from conftest import REPO_ROOT, TINY_MDPS
 
 sys.path.insert(0, str(REPO_ROOT))  # `benchmarks` lives beside src/, at the repository root
 
@@ -193,3 +194,18 @@ def test_per_image_times_leave_out_warm_up_images_and_divide_by_the_batch(monkey
     assert times.images == 6
     assert times.seconds == 6
     assert times.median_ms == 500.0
+
+
+def test_ablation_refuses_weights_saved_by_another_layout_of_the_model() -> None:
+    from anomalib_mdps.models.mdps import MdpsModel
+    from benchmarks.mdps_ablation import load_denoiser
+
+    settings = {key: value for key, value in TINY_MDPS.items() if key != "image_size"}
+    trained = MdpsModel(**TINY_MDPS)
+    saved = {"image_size": TINY_MDPS["image_size"], "state_dict": trained.state_dict()}
+    loaded = load_denoiser(saved, settings)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.prior.parameters(), trained.prior.parameters(), strict=True))
+    # The layout before the shared DiffusionPrior: the same tensors without the "prior." prefix.
+    old_layout = {key.removeprefix("prior."): value for key, value in saved["state_dict"].items()}
+    with pytest.raises(RuntimeError, match="does not fit MdpsModel"):
+        load_denoiser({**saved, "state_dict": old_layout}, settings)
