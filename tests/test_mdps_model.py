@@ -246,3 +246,23 @@ def test_unknown_lr_schedule_is_refused() -> None:
 
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         Mdps(lr_schedule="step")
+
+
+def test_evaluation_batches_are_sampled_in_chunks_that_score_like_the_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalib.data import ImageBatch
+
+    from anomalib_mdps.models import Mdps
+
+    settings = {k: v for k, v in TINY_MDPS.items() if k != "image_size"}
+    module = Mdps(image_size=32, **settings, standardize=False, threshold_mode="per_image", step_batch_size=4,
+                  evaluator=False, visualizer=False).eval()
+    images = _images(5)
+    whole = module.model.reconstruct(images)
+    sampled_together = []
+    reconstruct = module.model.reconstruct
+    monkeypatch.setattr(module.model, "reconstruct", lambda chunk: sampled_together.append(len(chunk)) or reconstruct(chunk))
+    scored = module.score_batch(ImageBatch(image=images))
+    assert sampled_together == [2, 2, 1]  # N_s = 2 samples of 2 images fill the 4 UNet inputs of a step
+    torch.testing.assert_close(scored.anomaly_map, whole.anomaly_map.squeeze(1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scored.pred_score, whole.pred_score, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scored.reconstruction, whole.reconstruction, atol=1e-5, rtol=1e-4)

@@ -122,8 +122,18 @@ class PriorTrainingMixin:
     def _calibrate_if_stale(self) -> None:
         """Normal-image statistics for the weights as they are now."""
         if self.calibration.stale and len(self.calibration.images):
-            self.model.calibrate(self.held_out_images())
+            self.model.calibrate(self.held_out_images(), batch_size=self.images_per_sampling_call)
         self.calibration.stale = False
+
+    @property
+    def images_per_sampling_call(self) -> int:
+        """Images sampled together: their N_s samples each fill at most ``step_batch_size`` UNet
+        inputs, as in training. Sampling holds N_s copies of every image and of its backbone
+        features, so this bounds memory at any eval batch size; on 2 CPU cores it was also the
+        fastest split (KolektorSDD at 160 x 64 with N_s = 8: 4.0 s per image one at a time, 7.5 s
+        eight at a time).
+        """
+        return max(1, self.step_batch_size // getattr(self.model, "num_samples", 1))
 
     def held_out_images(self) -> torch.Tensor:
         """The held-out normal images as the pre-processor hands images to the model (resized)."""
@@ -131,7 +141,9 @@ class PriorTrainingMixin:
         return self.calibration.stacked(transform, self.device)
 
     def score_batch(self, batch: Batch) -> Batch:
-        output = self.model.reconstruct(batch.image)
+        # Each image's map is independent of its batch (shared sampling noise): the split is exact.
+        parts = [self.model.reconstruct(chunk) for chunk in batch.image.split(self.images_per_sampling_call)]
+        output = type(parts[0])(*(torch.cat(field) for field in zip(*parts, strict=True)))
         batch.update(pred_score=output.pred_score, anomaly_map=output.anomaly_map)
         batch.reconstruction = output.reconstruction
         return batch

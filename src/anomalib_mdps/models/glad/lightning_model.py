@@ -36,7 +36,7 @@ class Glad(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
             β ~ U(0, 0.8)).
         calibration_images: normal training images held out of training, on which
             ``GladModel.calibrate`` measures the lock distance τ.
-        step_batch_size: images per Adam step.
+        step_batch_size: images per Adam step and per sampling call.
         max_epochs: training epochs of the denoiser.
         learning_rate, weight_decay, optimizer, lr_schedule: as for ``Mdps``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.

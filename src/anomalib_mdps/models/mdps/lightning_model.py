@@ -29,7 +29,8 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         image_size: an integer is the short side, the long side following the training data's
             aspect ratio (a 250 × 630 part runs at 64 × 160, not squashed to 64 × 64); a pair
             (height, width) is used as given.
-        step_batch_size: images per Adam step; a datamodule batch is split into such steps.
+        step_batch_size: images per Adam step and per sampling call: a datamodule batch is split
+            into such steps, which bounds memory at any batch size.
         calibration_images: normal training images held out of the denoiser's training (chosen
             by a hash of their file names) on which ``MdpsModel.calibrate`` measures the
             normal-image statistics before validation, test and predict.
@@ -56,7 +57,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         mask_guidance_scale: float | None = 1.0,
         guidance_norm: str = GuidanceNorm.SQUARED.value,
         ddim_eta: float = 1.0,
-        num_samples: int = 2,
+        num_samples: int = 8,
         use_mask: bool = True,
         mask_threshold: float = 0.5,
         threshold_mode: str = ThresholdMode.NORMAL.value,

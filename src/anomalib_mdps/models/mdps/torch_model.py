@@ -92,7 +92,7 @@ class MdpsModel(PixelSpaceModel):
         mask_guidance_scale: float | None = 1.0,
         guidance_norm: GuidanceNorm | str = GuidanceNorm.SQUARED,
         ddim_eta: float = 1.0,
-        num_samples: int = 2,
+        num_samples: int = 8,
         use_mask: bool = True,
         mask_threshold: float = 0.5,
         threshold_mode: ThresholdMode | str = ThresholdMode.NORMAL,
