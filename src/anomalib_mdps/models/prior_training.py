@@ -127,11 +127,10 @@ class PriorTrainingMixin:
 
     @property
     def images_per_sampling_call(self) -> int:
-        """Images sampled together: their N_s samples each fill at most ``step_batch_size`` UNet
-        inputs, as in training. Sampling holds N_s copies of every image and of its backbone
+        """Images sampled together: their N_s samples fill at most ``step_batch_size`` UNet inputs,
+        as in training (at least one image). Sampling holds N_s copies of every image and of its backbone
         features, so this bounds memory at any eval batch size; on 2 CPU cores it was also the
-        fastest split (KolektorSDD at 160 x 64 with N_s = 8: 4.0 s per image one at a time, 7.5 s
-        eight at a time).
+        fastest split (README, "Eight samples per image").
         """
         return max(1, self.step_batch_size // getattr(self.model, "num_samples", 1))
 
