@@ -127,10 +127,10 @@ class PriorTrainingMixin:
 
     @property
     def images_per_sampling_call(self) -> int:
-        """Images sampled together: their N_s samples fill at most ``step_batch_size`` UNet inputs,
-        as in training (at least one image). Sampling holds N_s copies of every image and of its backbone
-        features, so this bounds memory at any eval batch size; on 2 CPU cores it was also the
-        fastest split (README, "Eight samples per image").
+        """Images sampled together: at least one, and as many as keep their N_s samples within
+        ``step_batch_size`` UNet inputs, as in training. Sampling holds N_s copies of every image
+        and of its backbone features, so this bounds memory at any eval batch size; on 2 CPU cores
+        it was also the fastest split (README, "Eight samples per image").
         """
         return max(1, self.step_batch_size // getattr(self.model, "num_samples", 1))
 

@@ -29,8 +29,9 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         image_size: an integer is the short side, the long side following the training data's
             aspect ratio (a 250 × 630 part runs at 64 × 160, not squashed to 64 × 64); a pair
             (height, width) is used as given.
-        step_batch_size: images per Adam step and per sampling call: a datamodule batch is split
-            into such steps, which bounds memory at any batch size.
+        step_batch_size: images per Adam step (a datamodule batch is split into such steps) and
+            UNet inputs per sampling call (``step_batch_size // num_samples`` images, at least one),
+            which bounds memory at any batch size.
         calibration_images: normal training images held out of the denoiser's training (chosen
             by a hash of their file names) on which ``MdpsModel.calibrate`` measures the
             normal-image statistics before validation, test and predict.
