@@ -79,23 +79,21 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
     return target
 
 
-CALIBRATION_BUFFERS = frozenset({"term_scale", "normal_mask_threshold", "calibrated"})
-
-
 def load_denoiser(saved: dict[str, Any], settings: dict[str, Any]) -> "MdpsModel":
-    """An eval-mode ``MdpsModel`` with the saved denoiser and a row's settings, not yet calibrated.
+    """An eval-mode ``MdpsModel`` with the saved weights and a row's settings; ``evaluate``
+    re-measures the normal-image statistics saved with them.
 
-    Weights of an older layout of the model are refused rather than leaving an untrained denoiser
-    to score the test set (``load_state_dict(strict=False)`` alone would).
+    Loading is strict: weights of an older layout of the model must fail here, not leave an
+    untrained denoiser to score the test set.
     """
     from anomalib_mdps.models.mdps import MdpsModel
 
     model = MdpsModel(image_size=saved["image_size"], **settings).eval()
-    state = {k: v for k, v in saved["state_dict"].items() if k not in CALIBRATION_BUFFERS}
-    incompatible = model.load_state_dict(state, strict=False)
-    if incompatible.unexpected_keys or set(incompatible.missing_keys) - CALIBRATION_BUFFERS:
-        msg = f"The saved denoiser does not fit MdpsModel ({incompatible}); delete the weights file to retrain."
-        raise RuntimeError(msg)
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as error:
+        msg = f"The saved denoiser does not fit MdpsModel; delete the weights file to retrain. {error}"
+        raise RuntimeError(msg) from error
     return model
 
 
