@@ -2,8 +2,8 @@
 
 A plain loop (``benchmarks/README.md`` says why not anomalib's ``Benchmark`` pipeline): profile →
 jobs → each job trained and tested in a fresh process → rows → ``results/<profile>/results.csv``,
-``results.md`` and two plots, merged with the rows already there. Exits non-zero when any job
-failed, after writing the rows of the jobs that succeeded.
+``results.md`` and two plots, merged with the rows already there as each job finishes. Exits
+non-zero when any job failed; the rows of the jobs that succeeded are kept.
 """
 
 import argparse
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - job_started
         if succeeded:
             rows.append(outcome)
+            # Merged at once, so that the rows of finished jobs survive a later crash or Ctrl-C.
+            write_reports(output_dir, pd.DataFrame([outcome]), profile, notes)
             print(f"{prefix}: done in {seconds:.0f} s, image AUROC {outcome['image_AUROC']:.3f}, "
                   f"{outcome['inference_ms_per_image']:.1f} ms/image", flush=True)
         else:
@@ -93,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: FAILED after {seconds:.0f} s\n{outcome}", file=sys.stderr, flush=True)
     if rows:
         print(markdown_table(pd.DataFrame(rows)), flush=True)
-        write_reports(output_dir, pd.DataFrame(rows), profile, notes)
         print(f"Results merged into {output_dir}", flush=True)
     print(f"Wall time: {time.perf_counter() - started:.0f} s", flush=True)
     for job, error in failures:

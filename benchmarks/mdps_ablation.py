@@ -26,12 +26,13 @@ from benchmarks.timing import PerImageTimes
 if TYPE_CHECKING:
     from anomalib_mdps.models.mdps import MdpsModel
 
-# (height, width) per input-size setting; "aspect" ("aspect96") keeps each dataset's aspect ratio at a
-# 64 (96) px short side.
+# (height, width) per input-size setting; "aspect" ("aspect96", "aspect128") keeps each dataset's aspect
+# ratio at a 64 (96, 128) px short side.
 SIZES = {"64": {"bottle": (64, 64), "kolektor": (64, 64), "tire": (64, 64), "demo": (64, 64)},
          "96": {"bottle": (96, 96), "kolektor": (96, 96), "tire": (96, 96), "demo": (96, 96)},
          "aspect": {"bottle": (64, 64), "kolektor": (160, 64), "tire": (88, 64), "demo": (64, 64)},
-         "aspect96": {"bottle": (96, 96), "kolektor": (240, 96), "tire": (128, 96), "demo": (96, 96)}}
+         "aspect96": {"bottle": (96, 96), "kolektor": (240, 96), "tire": (128, 96), "demo": (96, 96)},
+         "aspect128": {"bottle": (128, 128), "kolektor": (320, 128), "tire": (168, 128), "demo": (128, 128)}}
 
 
 def datamodule(name: str, output: Path):

@@ -111,6 +111,26 @@ def test_runs_merge_into_one_table_in_profile_order(tmp_path: Path) -> None:
     assert merge_results(tmp_path / "absent.csv", later).equals(later)
 
 
+def test_rows_of_finished_jobs_are_saved_before_a_later_job_is_interrupted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    from benchmarks import __main__ as command
+    from benchmarks import job as job_module
+
+    def run(job: object) -> tuple[bool, dict]:
+        if job.model["name"] == "PaDiM":
+            return True, _rows(("PaDiM", "bottle", 0.9)).iloc[0].to_dict()
+        raise KeyboardInterrupt  # Ctrl-C, or the machine's time limit, during the second job
+
+    monkeypatch.setattr(job_module, "run_in_own_process", run)
+    with pytest.raises(KeyboardInterrupt):
+        command.main(["--profile", "smoke", "--models", "PaDiM,Mdps", "--output-dir", str(tmp_path)])
+
+    saved = pd.read_csv(tmp_path / RESULTS_CSV)
+    assert list(zip(saved["model"], saved["image_AUROC"], strict=True)) == [("PaDiM", 0.9)]
+    assert "| PaDiM | bottle | 0.900 |" in (tmp_path / RESULTS_MD).read_text(encoding="utf-8")
+
+
 def test_folder_dataset_layout_is_detected(tmp_path: Path) -> None:
     for directory in ("good", "crack", "scratch", "mask/crack", "mask/scratch"):
         (tmp_path / directory).mkdir(parents=True)
