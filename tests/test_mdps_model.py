@@ -266,3 +266,27 @@ def test_evaluation_batches_are_sampled_in_chunks_that_score_like_the_whole_batc
     torch.testing.assert_close(scored.anomaly_map, whole.anomaly_map.squeeze(1), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(scored.pred_score, whole.pred_score, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(scored.reconstruction, whole.reconstruction, atol=1e-5, rtol=1e-4)
+
+
+def test_training_does_not_warn_about_the_frozen_backbone_and_restores_the_warning_filters(tmp_path) -> None:  # noqa: ANN001
+    import warnings
+
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+
+    from anomalib_mdps.models import Mdps
+    from test_bad_input import _folder_dataset
+
+    root = _folder_dataset(tmp_path / "parts", (32, 32), normal=6, defective=2)
+    datamodule = Folder(name="parts", root=root, normal_dir="good", abnormal_dir="defect", train_batch_size=4,
+                        eval_batch_size=4, num_workers=0)
+    model = Mdps(**{**TINY_MDPS, "image_size": (32, 32)}, max_epochs=1, calibration_images=2, visualizer=False)
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False, enable_progress_bar=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        engine.fit(model, datamodule=datamodule)
+        assert warnings.filters == filters
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
+    model.train()
+    assert not model.model.feature_extractor.network.training  # so Lightning would have warned

@@ -1,5 +1,6 @@
 """What the plugin's anomalib modules share: pre-processing, evaluation, visualisation, steps."""
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ from anomalib_mdps.models.input_size import size_for_data
 from anomalib_mdps.models.score_memo import SCORE_FIELDS, ScoreMemo
 from anomalib_mdps.post_processing import RankPreservingPostProcessor
 from anomalib_mdps.visualization import ReconstructionVisualizer
+
+
+# Lightning's message, at the start of training, about modules left in eval mode.
+FROZEN_BACKBONE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class DiffusionModuleMixin:
@@ -42,8 +47,20 @@ class DiffusionModuleMixin:
         """Seed torch's global generator from the model's seed: it orders the training batches and
         draws the training levels and noise. anomalib 2.7's CLI accepts ``--seed_everything``
         without applying it, so an unseeded run would train differently every time.
+
+        Until ``on_train_start``, Lightning's warning about modules in eval mode is silenced: the
+        frozen ImageNet backbone stays in eval mode on purpose (ImageNet's batch-norm statistics).
         """
         torch.manual_seed(self.model.seed)
+        self._frozen_backbone_quiet = warnings.catch_warnings()
+        self._frozen_backbone_quiet.__enter__()
+        warnings.filterwarnings("ignore", message=FROZEN_BACKBONE_WARNING)
+
+    def on_train_start(self) -> None:
+        """Lightning's eval-mode check has run: restore the warning filters of ``on_fit_start``."""
+        quiet = vars(self).pop("_frozen_backbone_quiet", None)
+        if quiet is not None:
+            quiet.__exit__(None, None, None)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:  # noqa: ANN401
         del outputs, batch, batch_idx

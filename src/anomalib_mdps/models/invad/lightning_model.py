@@ -114,6 +114,7 @@ class InvAD(DiffusionModuleMixin, AnomalibModule):
 
         A resumed run keeps the statistics of its checkpoint: the denoiser was trained on them.
         """
+        super().on_train_start()
         if self._augments_training_images():
             self.cache_features = False
         if not bool(self.model.feature_statistics_fitted):
