@@ -10,6 +10,7 @@ each dataset's original resolution. Nothing of the test set enters calibration.
 """
 
 import argparse
+import inspect
 import json
 import time
 from pathlib import Path
@@ -26,13 +27,23 @@ from benchmarks.timing import PerImageTimes
 if TYPE_CHECKING:
     from anomalib_mdps.models.mdps import MdpsModel
 
-# (height, width) per input-size setting; "aspect" ("aspect96", "aspect128") keeps each dataset's aspect
-# ratio at a 64 (96, 128) px short side.
-SIZES = {"64": {"bottle": (64, 64), "kolektor": (64, 64), "tire": (64, 64), "demo": (64, 64)},
-         "96": {"bottle": (96, 96), "kolektor": (96, 96), "tire": (96, 96), "demo": (96, 96)},
-         "aspect": {"bottle": (64, 64), "kolektor": (160, 64), "tire": (88, 64), "demo": (64, 64)},
-         "aspect96": {"bottle": (96, 96), "kolektor": (240, 96), "tire": (128, 96), "demo": (96, 96)},
-         "aspect128": {"bottle": (128, 128), "kolektor": (320, 128), "tire": (168, 128), "demo": (128, 128)}}
+# Short side per input-size setting: "64" and "96" are square; the "aspect" ones keep each dataset's
+# aspect ratio, as ``Mdps(image_size=<short side>)`` does.
+SHORT_SIDES = {"64": 64, "96": 96, "aspect": 64, "aspect96": 96, "aspect128": 128}
+
+
+def input_size(size: str, module: object, model_args: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of an input-size setting for a datamodule's images."""
+    from anomalib_mdps.components.denoiser import unet_downsampling_factor
+    from anomalib_mdps.models.input_size import size_for_data
+    from anomalib_mdps.models.mdps import MdpsModel
+
+    short_side = SHORT_SIDES[size]
+    if not size.startswith("aspect"):
+        return (short_side, short_side)
+    default_channels = inspect.signature(MdpsModel).parameters["unet_channels"].default
+    factor = unet_downsampling_factor(model_args.get("unet_channels", default_channels))
+    return size_for_data(module, short_side, factor)
 
 
 def datamodule(name: str, output: Path):
@@ -55,13 +66,14 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
 
     from anomalib_mdps.models import Mdps
 
-    if SIZES[size][name] == SIZES["64"][name]:
+    module = datamodule(name, output)
+    image_size = input_size(size, module, model_args)
+    if image_size == input_size("64", module, model_args):
         size = "64"  # the same training run
     target = output / f"{name}_{size}.pt"
     if target.exists():
         return target
-    model = Mdps(image_size=SIZES[size][name], max_epochs=epochs, visualizer=False, **model_args)
-    module = datamodule(name, output)
+    model = Mdps(image_size=image_size, max_epochs=epochs, visualizer=False, **model_args)
     losses: list[float] = []
 
     class LossCurve(Callback):
@@ -76,7 +88,7 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
     trainer.fit(model, datamodule=module)
     seconds = time.perf_counter() - start
     torch.save({"state_dict": model.model.state_dict(), "calibration": model.held_out_images().cpu(),
-                "image_size": SIZES[size][name], "train_seconds": seconds, "losses": losses}, target)
+                "image_size": image_size, "train_seconds": seconds, "losses": losses}, target)
     return target
 
 
