@@ -92,22 +92,47 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
     return target
 
 
-def load_denoiser(saved: dict[str, Any], settings: dict[str, Any]) -> "MdpsModel":
+def load_denoiser(
+    saved: dict[str, Any], settings: dict[str, Any], name: str | None = None, output: Path | None = None,
+) -> "MdpsModel":
     """An eval-mode ``MdpsModel`` with the saved weights and a row's settings; ``evaluate``
     re-measures the normal-image statistics saved with them.
 
     Loading is strict: weights of an older layout of the model must fail here, not leave an
-    untrained denoiser to score the test set.
+    untrained denoiser to score the test set. Weights saved before the feature density existed
+    (no ``feature_density.*`` tensors) load when ``name`` is given: the density is fit here on
+    dataset ``name``'s training images, the held-out calibration images excluded, as training
+    would have (it depends only on the frozen backbone).
     """
     from anomalib_mdps.models.mdps import MdpsModel
 
     model = MdpsModel(image_size=saved["image_size"], **settings).eval()
+    state = dict(saved["state_dict"])
+    refit = name is not None and not any(key.startswith("feature_density.") for key in state)
+    if refit:
+        fresh = model.state_dict()
+        state.update({key: fresh[key] for key in fresh if key.startswith("feature_density.") or key == "density_scale"})
     try:
-        model.load_state_dict(saved["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as error:
         msg = f"The saved denoiser does not fit MdpsModel; delete the weights file to retrain. {error}"
         raise RuntimeError(msg) from error
+    if refit and model.density_weight > 0:
+        fit_density_on_training_images(model, datamodule(name, output or Path()), saved)
     return model
+
+
+def fit_density_on_training_images(model: "MdpsModel", module: Any, saved: dict[str, Any]) -> None:  # noqa: ANN401
+    from torchvision.transforms.v2.functional import resize
+
+    from anomalib_mdps.models.calibration import held_out_keys, image_key
+
+    image_size = list(saved["image_size"])
+    held_out = held_out_keys(list(module.train_data.samples.image_path), len(saved["calibration"]))
+    for batch in module.train_dataloader():
+        keep = [image_key(path) not in held_out for path in batch.image_path]
+        model.accumulate_feature_density(resize(batch.image[keep], image_size, antialias=True))
+    model.fit_feature_density()
 
 
 def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -> dict[str, float]:
@@ -116,7 +141,7 @@ def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -
     from torchvision.transforms.v2.functional import resize
 
     saved = torch.load(weights, weights_only=False)
-    model = load_denoiser(saved, settings)
+    model = load_denoiser(saved, settings, name, output)
     model.calibrate(resize(saved["calibration"], list(saved["image_size"]), antialias=True))
     scores, labels, maps, masks = [], [], [], []
     aupro = _AUPRO(fpr_limit=0.3)

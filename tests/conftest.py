@@ -39,6 +39,7 @@ def tiny_mdps_model():
         model = MdpsModel(**{**TINY_MDPS, **overrides})
         model.update_ema()
         model.eval()
+        model.fit_feature_density(torch.rand(4, 3, *model.image_size, generator=torch.Generator().manual_seed(6)))
         normal = torch.rand(4, 3, *model.image_size, generator=torch.Generator().manual_seed(7))
         model.calibrate(normal)
         return model

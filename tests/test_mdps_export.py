@@ -23,6 +23,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Mdps, Path, Path
     )
     model.model.update_ema()
     model.eval()
+    model.model.fit_feature_density(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
     model.model.calibrate(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
     root = tmp_path_factory.mktemp("export")
     return model, model.to_onnx(root, input_size=(32, 32)), model.to_torch(root)

@@ -150,8 +150,15 @@ def test_standardised_terms_are_divided_by_their_normal_spread(tiny_mdps_model) 
 
 def test_a_model_without_normal_statistics_says_how_to_get_them() -> None:
     model = MdpsModel(**TINY_MDPS).eval()
+    with pytest.raises(RuntimeError, match="fit_feature_density"):
+        model.reconstruct(_images(1))
+    with pytest.raises(RuntimeError, match="fit_feature_density"):
+        model.calibrate(_images(2))
+    model.fit_feature_density(_images(2))
     with pytest.raises(RuntimeError, match="calibrate"):
         model.reconstruct(_images(1))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        MdpsModel(**TINY_MDPS, density_weight=0.0).eval().reconstruct(_images(1))
 
 
 def test_held_out_calibration_images_depend_on_names_only() -> None:
@@ -178,6 +185,7 @@ def test_aspect_aware_size_keeps_the_short_side_and_follows_the_aspect_ratio() -
 def test_weights_saved_at_another_size_restore_it(tiny_mdps_model) -> None:
     tall = tiny_mdps_model()
     tall.set_image_size((48, 32))
+    tall.fit_feature_density(_images(2, (48, 32)))
     tall.calibrate(_images(2, (48, 32)))
     restored = tiny_mdps_model()
     assert restored.image_size == (32, 32)
@@ -254,7 +262,7 @@ def test_evaluation_batches_are_sampled_in_chunks_that_score_like_the_whole_batc
     from anomalib_mdps.models import Mdps
 
     settings = {k: v for k, v in TINY_MDPS.items() if k != "image_size"}
-    module = Mdps(image_size=32, **settings, standardize=False, threshold_mode="per_image", step_batch_size=4,
+    module = Mdps(image_size=32, **settings, standardize=False, threshold_mode="per_image", density_weight=0.0, step_batch_size=4,
                   evaluator=False, visualizer=False).eval()
     images = _images(5)
     whole = module.model.reconstruct(images)

@@ -1,6 +1,7 @@
 """Diffusion building blocks shared by the plugin's models."""
 
 from .backbone import FeatureExtractor, backbone_size_for, load_efficientnet_lite
+from .feature_density import FeatureDensity
 from .ddim import ddim_inversion_step, ddim_step, predicted_clean_image
 from .denoiser import UNetDenoiser, build_unet, check_unet_input_size, unet_downsampling_factor
 from .difference import (
@@ -16,6 +17,7 @@ from .schedule import NoiseSchedule, check_noise_level, ddim_step_pairs, forward
 __all__ = [
     "Denoiser",
     "DiffusionPrior",
+    "FeatureDensity",
     "FeatureExtractor",
     "NoiseSchedule",
     "UNetDenoiser",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule
 
 from anomalib_mdps.models.common import DiffusionModuleMixin, ScanExportMixin
@@ -40,6 +41,8 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         optimizer: ``adam`` (paper) or ``adamw`` (decoupled weight decay).
         lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate decays to zero over the
             trainer's epochs (stepped per epoch), so that short CPU runs end on settled weights.
+        density_weight, density_dims: see ``MdpsModel``; the density is fit on the first training
+            epoch's images (held-out ones excluded).
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -83,6 +86,8 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         weight_decay: float = 5e-2,
         optimizer: str = "adam",
         lr_schedule: str = "constant",
+        density_weight: float = 1.0,
+        density_dims: int = 100,
         pre_processor: torch.nn.Module | bool = True,
         post_processor: torch.nn.Module | bool = True,
         evaluator: Any = True,  # noqa: ANN401
@@ -126,11 +131,38 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
             ema_decay=ema_decay,
             train_max_noise_level=train_max_noise_level,
             seed=seed,
+            density_weight=density_weight,
+            density_dims=density_dims,
         )
         self.short_side = image_size if isinstance(image_size, int) else None
         self.setup_prior_training(
             calibration_images, step_batch_size, max_epochs, learning_rate, weight_decay, optimizer, lr_schedule,
         )
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.current_epoch == 0:
+            self.model.feature_density.reset()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> None:
+        """The denoiser's Adam steps; in the first epoch also the feature density's sums."""
+        if self.model.density_weight > 0 and self.current_epoch == 0 and not self.model.feature_density.fitted:
+            self.model.accumulate_feature_density(self.calibration.split_off(batch))
+        super().training_step(batch, *args, **kwargs)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self._fit_density_if_accumulated()
+
+    def _calibrate_if_stale(self) -> None:
+        # Lightning validates before ``on_train_epoch_end``: the first calibration needs the density.
+        self._fit_density_if_accumulated()
+        super()._calibrate_if_stale()
+
+    def _fit_density_if_accumulated(self) -> None:
+        if self.model.feature_density.accumulating:
+            self.model.feature_density.fit(lambda total: self.trainer.strategy.reduce(total, reduce_op="sum"))
+            self.calibration.stale = True
 
     @classmethod
     def checkpoint_safe_globals(cls) -> Sequence[Any]:

@@ -6,9 +6,11 @@ from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.components import (
     DiffusionPrior,
+    FeatureDensity,
     FeatureExtractor,
     check_noise_level,
     perceptual_difference,
@@ -73,8 +75,13 @@ class MdpsModel(PixelSpaceModel):
         top_k: S of the image score at 256 px; scales with the image area.
         ema_decay: decay of the EMA denoiser used for sampling.
         train_max_noise_level: train only on levels up to this (``None``: all, as the paper).
-        seed: seed of the denoiser's initialisation, of training (see the Lightning module) and of
-            the sampling noise (drawn once, shared by every image).
+        seed: seed of the denoiser's initialisation, of training (see the Lightning module), of
+            the sampling noise (drawn once, shared by every image) and of the density's channels.
+        density_weight: weight of a term that is not in MDPS: the Mahalanobis distance of the
+            input's backbone features to a per-location Gaussian of normal training features
+            (PaDiM's model), standardised on held-out normal images like the eq.-18 terms and
+            added to the final map. 0 scores eq. 18–19 alone, as the paper.
+        density_dims: backbone channels (seeded random choice) the Gaussian models.
     """
 
     def __init__(
@@ -110,6 +117,8 @@ class MdpsModel(PixelSpaceModel):
         ema_decay: float = 0.995,
         train_max_noise_level: int | None = 400,
         seed: int = 0,
+        density_weight: float = 1.0,
+        density_dims: int = 100,
     ) -> None:
         super().__init__()
         self.unet_channels = tuple(unet_channels)
@@ -141,17 +150,23 @@ class MdpsModel(PixelSpaceModel):
         self.blur_sigma = blur_sigma
         self.train_max_noise_level = train_max_noise_level
         self.seed = seed
+        if density_weight < 0:
+            msg = f"density_weight must be >= 0, got {density_weight}."
+            raise ValueError(msg)
+        self.density_weight = density_weight
 
         self.prior = DiffusionPrior(
             image_size, 3, unet_channels, layers_per_block, attention_levels,
             num_train_timesteps, beta_start, beta_end, ema_decay, seed,
         )
         self.feature_extractor = FeatureExtractor(backbone, feature_layers)
+        self.feature_density = FeatureDensity(sum(self.feature_extractor.channels), density_dims, seed)
         self.register_buffer("sampling_noise", torch.empty(0), persistent=False)
         track_input_size(self)
         self.set_image_size(image_size)
         # Normal-image statistics (see ``calibrate``); saved with the weights.
         self.register_buffer("term_scale", torch.ones(2))  # spread of the pixel and perceptual terms
+        self.register_buffer("density_scale", torch.tensor([0.0, 1.0]))  # mean and spread of the density term
         self.register_buffer("normal_mask_threshold", torch.tensor(float("inf")))
         self.register_buffer("calibrated", torch.tensor(False))
 
@@ -163,6 +178,22 @@ class MdpsModel(PixelSpaceModel):
 
     def update_ema(self) -> None:
         self.prior.update_ema()
+
+    @torch.no_grad()
+    def accumulate_feature_density(self, images: torch.Tensor) -> None:
+        """Add normal training images in [0, 1] to the sums of the feature density (see ``fit_feature_density``)."""
+        if len(images):
+            self.feature_density.accumulate(self.feature_density.embedding(self.features(self._checked(images))))
+
+    @torch.no_grad()
+    def fit_feature_density(self, normal_images: torch.Tensor | None = None, batch_size: int = 8) -> None:
+        """Fit the per-location Gaussian of ``density_weight`` on normal training images (those passed
+        here and any accumulated before); the backbone is frozen, so one pass suffices.
+        """
+        if normal_images is not None:
+            for chunk in normal_images.split(batch_size):
+                self.accumulate_feature_density(chunk)
+        self.feature_density.fit()
 
     # ---------------------------------------------------------------- inference
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -187,6 +218,8 @@ class MdpsModel(PixelSpaceModel):
             difference = self.difference_map(samples, images, features_y)
         else:
             mask = mask[:: self.num_samples]
+        if self.density_weight > 0:
+            difference = difference + self.density_weight * self.density_map(features_y)
         reconstruction = samples[:: self.num_samples]
         return MdpsOutput(
             pred_score=top_k_mean_score(difference, self.top_k),
@@ -199,21 +232,28 @@ class MdpsModel(PixelSpaceModel):
     def calibrate(self, normal_images: torch.Tensor, batch_size: int = 8) -> None:
         """Measure the eq.-18 terms and the first-pass D̄ on normal images the denoiser never saw.
 
+        ``density_scale``: the mean and standard deviation of the density term's distances there.
         ``term_scale``: the standard deviation of the pixel and of the perceptual term over all
         pixels and samples of the first pass (m = 1), so that ``standardize`` weighs both by
         their spread on normal data. ``normal_mask_threshold``: the ``mask_quantile`` of the
         first-pass D̄ over those pixels (``threshold_mode='normal'``). Only normal training
         images enter: nothing of the test set.
         """
-        pixel, perceptual = [], []
+        self._check_density_fitted()
+        pixel, perceptual, density = [], [], []
         for chunk in self._checked(normal_images).split(batch_size):
             _, _, features_y, samples = self._first_pass(chunk)
+            if self.density_weight > 0:
+                density.append(self._density_distance(features_y))
             pixel.append(pixel_difference(samples, chunk.repeat_interleave(self.num_samples, dim=0)))
             perceptual.append(
                 perceptual_difference(self.features(samples), features_y, tuple(chunk.shape[-2:]), self.feature_pool_size),
             )
         pixel, perceptual = torch.cat(pixel), torch.cat(perceptual)
         self.term_scale.copy_(torch.stack([pixel.std(), perceptual.std()]).clamp(min=1e-6))
+        if density:
+            density = torch.cat(density)
+            self.density_scale.copy_(torch.stack([density.mean(), density.std().clamp(min=1e-6)]))
         self.calibrated.fill_(True)
         difference = self._smoothed_mean(weighted_terms(pixel, perceptual, self.pixel_weight, self._term_scale()))
         self.normal_mask_threshold.copy_(_quantile(difference.flatten(), self.mask_quantile))
@@ -228,7 +268,28 @@ class MdpsModel(PixelSpaceModel):
         samples = self._posterior_samples(y, torch.ones_like(y[:, :1]), noise, self.mask_guidance_scale)
         return y, noise, features_y, samples
 
+    def _density_distance(self, features_y: list[torch.Tensor]) -> torch.Tensor:
+        """Mahalanobis distances of the images' features (``features_y`` hold N_s copies), at image size."""
+        features = [f[:: self.num_samples] for f in features_y]
+        distance = self.feature_density.distance(self.feature_density.embedding(features))
+        return F.interpolate(distance, size=self.image_size, mode="bilinear", align_corners=False)
+
+    def density_map(self, features_y: list[torch.Tensor]) -> torch.Tensor:
+        """The density term (not in MDPS), standardised by its normal-image mean and spread, smoothed."""
+        distance = self._density_distance(features_y)
+        return self.blur((distance - self.density_scale[0]) / self.density_scale[1])
+
+    def _check_density_fitted(self) -> None:
+        if self.density_weight > 0 and not is_tracing() and not self.feature_density.fitted:
+            msg = (
+                "This Mdps model has no normal feature density (density_weight > 0). Train it with the "
+                "Lightning module (it fits the density in the first epoch), call "
+                "MdpsModel.fit_feature_density(normal_training_images), or set density_weight=0."
+            )
+            raise RuntimeError(msg)
+
     def _check_calibrated(self) -> None:
+        self._check_density_fitted()
         needs_statistics = self.standardize or (self.use_mask and self.threshold_mode == ThresholdMode.NORMAL)
         if needs_statistics and not is_tracing() and not bool(self.calibrated):
             msg = (

@@ -1,0 +1,99 @@
+"""The feature density that Mdps may add to its map: its Gaussian, its training and its place in the map."""
+
+import pytest
+import torch
+
+from anomalib_mdps.components import FeatureDensity
+from conftest import TINY_MDPS
+
+
+def _normal_embeddings(count: int, generator: torch.Generator, spread: float = 0.05) -> torch.Tensor:
+    """(count, 5, 3, 4): a different mean per location, correlated channels."""
+    pattern = torch.arange(60.0).view(1, 5, 3, 4) / 10
+    mixing = torch.randn(5, 5, generator=generator)
+    noise = torch.einsum("dc,bchw->bdhw", mixing, torch.randn(count, 5, 3, 4, generator=generator))
+    return pattern + spread * noise
+
+
+def test_streamed_gaussian_matches_anomalibs_multivariate_gaussian() -> None:
+    from anomalib.models.components.stats import MultiVariateGaussian
+    from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator
+
+    embeddings = _normal_embeddings(40, torch.Generator().manual_seed(0), spread=0.3)
+    density = FeatureDensity(channels=5, dims=5)
+    for chunk in embeddings.split(7):
+        density.accumulate(chunk)
+    density.fit()
+    mean, inv_covariance = MultiVariateGaussian().fit(embeddings)
+    torch.testing.assert_close(density.mean, mean, rtol=1e-4, atol=1e-5)
+    # anomalib adds a further 1e-5 to the diagonal; the inverses agree to about that.
+    torch.testing.assert_close(density.inv_covariance, inv_covariance, rtol=1e-3, atol=1e-3)
+    probe = _normal_embeddings(3, torch.Generator().manual_seed(1), spread=0.3)
+    torch.testing.assert_close(
+        density.distance(probe), AnomalyMapGenerator.compute_distance(probe, [mean, inv_covariance]), rtol=1e-3, atol=1e-4,
+    )
+
+
+def test_distance_is_highest_where_features_leave_their_normal_range() -> None:
+    generator = torch.Generator().manual_seed(2)
+    density = FeatureDensity(channels=5, dims=5)
+    density.accumulate(_normal_embeddings(50, generator))
+    density.fit()
+    probe = _normal_embeddings(1, generator)
+    # Location (1, 2) gets location (0, 0)'s typical features: ordinary values, at the wrong place.
+    probe[0, :, 1, 2] = torch.arange(60.0).view(5, 3, 4)[:, 0, 0] / 10
+    distance = density.distance(probe)[0, 0]
+    assert divmod(int(distance.argmax()), 4) == (1, 2)
+
+
+def test_distance_refuses_features_of_another_grid() -> None:
+    density = FeatureDensity(channels=5, dims=5)
+    density.accumulate(_normal_embeddings(4, torch.Generator().manual_seed(3)))
+    density.fit()
+    with pytest.raises(ValueError, match="feature grid"):
+        density.distance(torch.rand(1, 5, 6, 4))
+
+
+def test_density_is_added_to_the_eq18_map_with_its_weight(tiny_mdps_model) -> None:
+    with_density = tiny_mdps_model(density_weight=2.0)
+    without = tiny_mdps_model(density_weight=0.0)
+    without.load_state_dict(with_density.state_dict())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    combined, alone = with_density.reconstruct(images), without.reconstruct(images)
+    def repeated_features(batch: torch.Tensor) -> list[torch.Tensor]:  # as the sampler holds them: N_s copies
+        return [f.repeat_interleave(with_density.num_samples, dim=0) for f in with_density.features(batch)]
+
+    density_map = with_density.density_map(repeated_features(images))
+    assert density_map.abs().max() > 0.1
+    torch.testing.assert_close(combined.anomaly_map, alone.anomaly_map + 2.0 * density_map, rtol=1e-4, atol=1e-4)
+    # Standardised on the normal images it was calibrated on: mean 0 and spread 1 there, before the blur.
+    normal = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))  # the fixture's calibration images
+    distance = with_density._density_distance(repeated_features(normal))
+    standardised = (distance - with_density.density_scale[0]) / with_density.density_scale[1]
+    assert abs(standardised.mean().item()) < 1e-4 and standardised.std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_training_fits_the_density_on_the_training_images_without_the_held_out_ones(tmp_path) -> None:  # noqa: ANN001
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+
+    from anomalib_mdps.models import Mdps
+    from anomalib_mdps.models.calibration import image_key
+    from test_bad_input import _folder_dataset
+
+    root = _folder_dataset(tmp_path / "parts", (32, 32), normal=6, defective=2)
+    datamodule = Folder(name="parts", root=root, normal_dir="good", abnormal_dir="defect", train_batch_size=4,
+                        eval_batch_size=4, num_workers=0)
+    model = Mdps(**{**TINY_MDPS, "image_size": (32, 32)}, max_epochs=2, calibration_images=2, visualizer=False)
+    Engine(default_root_dir=tmp_path / "results", logger=False, enable_progress_bar=False).fit(model, datamodule=datamodule)
+    density = model.model.feature_density
+    assert density.fitted and not density.accumulating
+    transform = model.pre_processor.transform
+    trained_on = [
+        transform(item.image) for item in datamodule.train_data if image_key(item.image_path) not in model.calibration.keys
+    ]
+    assert len(model.calibration.keys) == 2 and len(trained_on) == len(datamodule.train_data) - 2
+    with torch.no_grad():
+        embeddings = density.embedding(model.model.features(torch.stack(trained_on)))
+    torch.testing.assert_close(density.mean, embeddings.flatten(2).mean(0), rtol=1e-4, atol=1e-5)
+    assert model.model.density_scale[1] != 1.0  # calibrated after the fit, on the held-out images
