@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
-from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -110,6 +109,8 @@ class FeatureDensity(DynamicBufferMixin, nn.Module):
                 f"channels, got {tuple(embedding.shape[1:])}: score images at the size the model was trained at."
             )
             raise ValueError(msg)
+        from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator
+
         return AnomalyMapGenerator.compute_distance(embedding, [self.mean, self.inv_covariance])
 
     @property
