@@ -125,13 +125,12 @@ def load_denoiser(
 def fit_density_on_training_images(model: "MdpsModel", module: Any, saved: dict[str, Any]) -> None:  # noqa: ANN401
     from torchvision.transforms.v2.functional import resize
 
-    from anomalib_mdps.models.calibration import held_out_keys, image_key
+    from anomalib_mdps.models.calibration import CalibrationHoldout
 
-    image_size = list(saved["image_size"])
-    held_out = held_out_keys(list(module.train_data.samples.image_path), len(saved["calibration"]))
+    holdout = CalibrationHoldout(len(saved["calibration"]))
+    holdout.choose(module)  # the held-out images training chose, by the same file-name hash
     for batch in module.train_dataloader():
-        keep = [image_key(path) not in held_out for path in batch.image_path]
-        model.accumulate_feature_density(resize(batch.image[keep], image_size, antialias=True))
+        model.accumulate_feature_density(resize(holdout.split_off(batch), list(saved["image_size"]), antialias=True))
     model.fit_feature_density()
 
 
