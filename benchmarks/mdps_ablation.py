@@ -130,7 +130,7 @@ def fit_density_on_training_images(model: "MdpsModel", module: Any, saved: dict[
     holdout = CalibrationHoldout(len(saved["calibration"]))
     holdout.choose(module)  # the held-out images training chose, by the same file-name hash
     for batch in module.train_dataloader():
-        model.accumulate_feature_density(resize(holdout.split_off(batch), list(saved["image_size"]), antialias=True))
+        model.accumulate_feature_density(resize(holdout.split_off(batch), list(model.full_size), antialias=True))
     model.fit_feature_density()
 
 
@@ -141,12 +141,16 @@ def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -
 
     saved = torch.load(weights, weights_only=False)
     model = load_denoiser(saved, settings, name, output)
-    model.calibrate(resize(saved["calibration"], list(saved["image_size"]), antialias=True))
+    # The held-out images as training saw them (at full_size); weights saved before input_scale
+    # existed hold them at the denoiser's size, so they are read again from the dataset.
+    holdout = CalibrationHoldout(len(saved["calibration"]))
+    holdout.choose(datamodule(name, output))
+    model.calibrate(holdout.stacked(lambda image: resize(image, list(model.full_size), antialias=True), "cpu"))
     scores, labels, maps, masks = [], [], [], []
     aupro = _AUPRO(fpr_limit=0.3)
     timer, evaluation_size = PerImageTimes(), None
     for batch in datamodule(name, output).test_dataloader():
-        images = resize(batch.image, list(saved["image_size"]), antialias=True)
+        images = resize(batch.image, list(model.full_size), antialias=True)
         result = timer.call(model.reconstruct, images, images=len(images))
         # Pixel metrics at the first test image's resolution (KolektorSDD's sizes vary by a few pixels).
         evaluation_size = evaluation_size or tuple(batch.gt_mask.shape[-2:])

@@ -19,6 +19,7 @@ TINY_MDPS = {
     "noise_level": 60,
     "num_steps": 3,
     "num_samples": 2,
+    "input_scale": 1,  # images enter at the denoiser's size (tests of input_scale set their own)
 }
 
 
@@ -39,8 +40,8 @@ def tiny_mdps_model():
         model = MdpsModel(**{**TINY_MDPS, **overrides})
         model.update_ema()
         model.eval()
-        model.fit_feature_density(torch.rand(4, 3, *model.image_size, generator=torch.Generator().manual_seed(6)))
-        normal = torch.rand(4, 3, *model.image_size, generator=torch.Generator().manual_seed(7))
+        model.fit_feature_density(torch.rand(4, 3, *model.full_size, generator=torch.Generator().manual_seed(6)))
+        normal = torch.rand(4, 3, *model.full_size, generator=torch.Generator().manual_seed(7))
         model.calibrate(normal)
         return model
 

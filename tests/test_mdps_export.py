@@ -19,14 +19,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Mdps, Path, Path
     torch.manual_seed(0)
     model = Mdps(
         image_size=(32, 32), unet_channels=(32, 64), layers_per_block=1, noise_level=40, num_steps=3,
-        num_samples=2, guidance="dps", evaluator=False, visualizer=False,
+        num_samples=2, guidance="dps", input_scale=2, evaluator=False, visualizer=False,
     )
     model.model.update_ema()
     model.eval()
-    model.model.fit_feature_density(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
-    model.model.calibrate(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
+    # Images enter at input_scale x 32 px: the graph holds the box filter and the map's upsampling.
+    model.model.fit_feature_density(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(4)))
+    model.model.calibrate(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
     root = tmp_path_factory.mktemp("export")
-    return model, model.to_onnx(root, input_size=(32, 32)), model.to_torch(root)
+    return model, model.to_onnx(root), model.to_torch(root)
 
 
 def _eager(model: Mdps, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -35,7 +36,7 @@ def _eager(model: Mdps, images: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def _images(batch: int) -> torch.Tensor:
-    return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
 
 def test_onnx_runtime_matches_eager(exported) -> None:

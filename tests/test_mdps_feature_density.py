@@ -60,15 +60,12 @@ def test_density_is_added_to_the_eq18_map_with_its_weight(tiny_mdps_model) -> No
     without.load_state_dict(with_density.state_dict())
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     combined, alone = with_density.reconstruct(images), without.reconstruct(images)
-    def repeated_features(batch: torch.Tensor) -> list[torch.Tensor]:  # as the sampler holds them: N_s copies
-        return [f.repeat_interleave(with_density.num_samples, dim=0) for f in with_density.features(batch)]
-
-    density_map = with_density.density_map(repeated_features(images))
+    density_map = with_density.density_map(images, (32, 32))
     assert density_map.abs().max() > 0.1
     torch.testing.assert_close(combined.anomaly_map, alone.anomaly_map + 2.0 * density_map, rtol=1e-4, atol=1e-4)
     # Standardised on the normal images it was calibrated on: mean 0 and spread 1 there, before the blur.
     normal = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))  # the fixture's calibration images
-    distance = with_density._density_distance(repeated_features(normal))
+    distance = with_density._density_distance(normal, (32, 32))
     standardised = (distance - with_density.density_scale[0]) / with_density.density_scale[1]
     assert abs(standardised.mean().item()) < 1e-4 and standardised.std().item() == pytest.approx(1.0, rel=1e-4)
 
@@ -97,3 +94,24 @@ def test_training_fits_the_density_on_the_training_images_without_the_held_out_o
         embeddings = density.embedding(model.model.features(torch.stack(trained_on)))
     torch.testing.assert_close(density.mean, embeddings.flatten(2).mean(0), rtol=1e-4, atol=1e-5)
     assert model.model.density_scale[1] != 1.0  # calibrated after the fit, on the held-out images
+
+
+def test_density_sees_the_input_at_full_size_while_the_denoiser_sees_it_box_filtered(tiny_mdps_model) -> None:
+    model = tiny_mdps_model(input_scale=2, image_size=(32, 32))
+    assert model.full_size == (64, 64)
+    generator = torch.Generator().manual_seed(8)
+    images = torch.rand(1, 3, 64, 64, generator=generator) * 0.5 + 0.25
+    # A fine checkerboard in one corner: the 2 x 2 box filter averages it away, the density does not.
+    checker = (torch.arange(64).view(-1, 1) + torch.arange(64)) % 2 * 0.4 - 0.2
+    textured = images.clone()
+    textured[..., :24, :24] += checker[:24, :24]
+    torch.testing.assert_close(model._checked(textured)[0], model._checked(images)[0])
+    plain, marked = model.reconstruct(images), model.reconstruct(textured)
+    assert plain.anomaly_map.shape[-2:] == (64, 64)
+    change = (marked.anomaly_map - plain.anomaly_map)[0, 0]
+    assert change[:24, :24].mean() > 5 * change[40:, 40:].abs().mean()
+    without_density = tiny_mdps_model(input_scale=2, image_size=(32, 32), density_weight=0.0)
+    torch.testing.assert_close(without_density.reconstruct(textured).anomaly_map,
+                               without_density.reconstruct(images).anomaly_map)
+    with pytest.raises(ValueError, match="input_scale"):
+        model.reconstruct(torch.rand(1, 3, 63, 64))

@@ -96,7 +96,8 @@ class DiffusionModuleMixin:
         size = size_for_data(datamodule, self.short_side, self.model.size_factor)
         if size is not None and size != self.model.image_size:
             self.model.set_image_size(size)
-            self.pre_processor.transform = resize_transform(size)
+            # Mdps takes images at a multiple of its denoiser's size (``full_size``).
+            self.pre_processor.transform = resize_transform(getattr(self.model, "full_size", size))
             self.pre_processor.export_transform = get_exportable_transform(self.pre_processor.transform)
             # anomalib's datamodule set itself up first and copied the model's (square) resize into
             # its datasets; without this, training and validation images would be squashed to the
@@ -201,7 +202,7 @@ class ScanExportMixin:
     as a constant, autograd-free guidance). The loop becomes one ONNX ``Scan`` (opset 18); its
     body is traced with a symbolic batch on which diffusers' upsampler branches (``batch >= 64``),
     so the batch axis is exported as ``Dim.DYNAMIC`` instead of anomalib's strict
-    ``Dim("batch_size")``. Without ``input_size`` the graph takes images at the model's size.
+    ``Dim("batch_size")``. Without ``input_size`` the graph takes images at the model's ``full_size``.
     """
 
     def to_torch(self, *args, **kwargs) -> Path:  # noqa: ANN002, ANN003
@@ -215,7 +216,7 @@ class ScanExportMixin:
         input_size: tuple[int, int] | None = None,
         **kwargs,  # noqa: ANN003
     ) -> Path:
-        input_size = tuple(input_size) if input_size is not None else self.model.image_size
+        input_size = tuple(input_size) if input_size is not None else self.model.full_size
         if "dynamic_shapes" not in kwargs and "dynamic_axes" not in kwargs:
             kwargs["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC},)
         kwargs.setdefault("opset_version", 18)

@@ -30,6 +30,7 @@ class PixelSpaceModel(nn.Module):
         size = (int(image_size[0]), int(image_size[1]))
         check_unet_input_size(*size, self.unet_channels)
         self.image_size = size
+        self.full_size = size  # the size images enter at (Mdps: a multiple of it)
         self.input_size.copy_(torch.tensor(size))
         self.top_k = top_k_for_size(size, self.top_k_at_256)
         self.blur = anomaly_map_blur(size, self.blur_sigma)

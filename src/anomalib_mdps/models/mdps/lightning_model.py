@@ -41,8 +41,9 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         optimizer: ``adam`` (paper) or ``adamw`` (decoupled weight decay).
         lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate decays to zero over the
             trainer's epochs (stepped per epoch), so that short CPU runs end on settled weights.
-        density_weight, density_dims: see ``MdpsModel``; the density is fit on the first training
-            epoch's images (held-out ones excluded).
+        density_weight, density_dims, input_scale: see ``MdpsModel``; the density is fit on the first
+            training epoch's images (held-out ones excluded). The pre-processor resizes images to
+            ``input_scale`` × the denoiser's size.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -86,15 +87,18 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         weight_decay: float = 5e-2,
         optimizer: str = "adam",
         lr_schedule: str = "constant",
-        density_weight: float = 1.0,
+        density_weight: float = 2.0,
         density_dims: int = 100,
+        input_scale: int = 4,
         pre_processor: torch.nn.Module | bool = True,
         post_processor: torch.nn.Module | bool = True,
         evaluator: Any = True,  # noqa: ANN401
         visualizer: Any = True,  # noqa: ANN401
     ) -> None:
         super().__init__(
-            pre_processor=self.configure_pre_processor(square(image_size)) if pre_processor is True else pre_processor,
+            pre_processor=self.configure_pre_processor(tuple(side * input_scale for side in square(image_size)))
+            if pre_processor is True
+            else pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
             visualizer=visualizer,
@@ -133,6 +137,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
             seed=seed,
             density_weight=density_weight,
             density_dims=density_dims,
+            input_scale=input_scale,
         )
         self.short_side = image_size if isinstance(image_size, int) else None
         self.setup_prior_training(

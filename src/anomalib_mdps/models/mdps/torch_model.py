@@ -17,7 +17,7 @@ from anomalib_mdps.components import (
     pixel_difference,
     top_k_mean_score,
 )
-from anomalib_mdps.components.images import is_tracing
+from anomalib_mdps.components.images import as_rgb_batch, is_tracing
 from anomalib_mdps.models.input_size import track_input_size
 from anomalib_mdps.models.pixel_space import PixelSpaceModel
 
@@ -37,7 +37,8 @@ class MdpsOutput(NamedTuple):
 class MdpsModel(PixelSpaceModel):
     """MDPS (Wu et al.): reconstruct the normal image by masked diffusion posterior sampling.
 
-    Images enter in [0, 1] at ``image_size``. The diffusion path works in [-1, 1]; the
+    Images enter in [0, 1] at ``full_size`` (``input_scale`` × ``image_size``) and maps leave at
+    it. The diffusion path sees them box-filtered down to ``image_size``, in [-1, 1]; the
     perceptual difference uses an offline ImageNet EfficientNet-Lite.
 
     Args:
@@ -82,6 +83,10 @@ class MdpsModel(PixelSpaceModel):
             (PaDiM's model), standardised on held-out normal images like the eq.-18 terms and
             added to the final map. 0 scores eq. 18–19 alone, as the paper.
         density_dims: backbone channels (seeded random choice) the Gaussian models.
+        input_scale: images enter at ``input_scale`` × ``image_size``. The denoiser and eq. 18 see
+            them box-filtered down to ``image_size``; the feature density sees them as they came,
+            so it keeps the detail the denoiser's resolution drops (a small dark defect on a tyre
+            at 64 px). 1: images enter at the denoiser's size, as the paper.
     """
 
     def __init__(
@@ -117,10 +122,15 @@ class MdpsModel(PixelSpaceModel):
         ema_decay: float = 0.995,
         train_max_noise_level: int | None = 400,
         seed: int = 0,
-        density_weight: float = 1.0,
+        density_weight: float = 2.0,
         density_dims: int = 100,
+        input_scale: int = 4,
     ) -> None:
         super().__init__()
+        if input_scale < 1:
+            msg = f"input_scale must be an integer >= 1, got {input_scale}."
+            raise ValueError(msg)
+        self.input_scale = int(input_scale)
         self.unet_channels = tuple(unet_channels)
         check_noise_level(noise_level, num_train_timesteps)
         if num_samples < 1:
@@ -173,7 +183,7 @@ class MdpsModel(PixelSpaceModel):
     # ----------------------------------------------------------------- training
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """ε-prediction loss (eq. 5) of the denoiser on normal images in [0, 1]."""
-        images = self._checked(images)
+        images, _ = self._checked(images)
         return self.prior.training_loss(images * 2 - 1, self.train_max_noise_level, reduction="sum")
 
     def update_ema(self) -> None:
@@ -183,7 +193,8 @@ class MdpsModel(PixelSpaceModel):
     def accumulate_feature_density(self, images: torch.Tensor) -> None:
         """Add normal training images in [0, 1] to the sums of the feature density (see ``fit_feature_density``)."""
         if len(images):
-            self.feature_density.accumulate(self.feature_density.embedding(self.features(self._checked(images))))
+            _, full = self._checked(images)
+            self.feature_density.accumulate(self.feature_density.embedding(self.features(full)))
 
     @torch.no_grad()
     def fit_feature_density(self, normal_images: torch.Tensor | None = None, batch_size: int = 8) -> None:
@@ -203,7 +214,7 @@ class MdpsModel(PixelSpaceModel):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> MdpsOutput:
         """Score images in [0, 1]: two MDPS passes (m = 1, then m of eq. 20), maps and scores."""
-        images = self._checked(images)
+        images, full = self._checked(images)
         self._check_calibrated()
         y, noise, features_y, samples = self._first_pass(images)
         mask = torch.ones_like(y[:, :1])
@@ -219,11 +230,11 @@ class MdpsModel(PixelSpaceModel):
         else:
             mask = mask[:: self.num_samples]
         if self.density_weight > 0:
-            difference = difference + self.density_weight * self.density_map(features_y)
+            difference = difference + self.density_weight * self.density_map(full, images.shape[-2:])
         reconstruction = samples[:: self.num_samples]
         return MdpsOutput(
             pred_score=top_k_mean_score(difference, self.top_k),
-            anomaly_map=difference,
+            anomaly_map=self._at_input_size(difference, full),
             reconstruction=reconstruction,
             mask=mask,
         )
@@ -241,10 +252,11 @@ class MdpsModel(PixelSpaceModel):
         """
         self._check_density_fitted()
         pixel, perceptual, density = [], [], []
-        for chunk in self._checked(normal_images).split(batch_size):
+        for full_chunk in normal_images.split(batch_size):
+            chunk, full_chunk = self._checked(full_chunk)
             _, _, features_y, samples = self._first_pass(chunk)
             if self.density_weight > 0:
-                density.append(self._density_distance(features_y))
+                density.append(self._density_distance(full_chunk, chunk.shape[-2:]))
             pixel.append(pixel_difference(samples, chunk.repeat_interleave(self.num_samples, dim=0)))
             perceptual.append(
                 perceptual_difference(self.features(samples), features_y, tuple(chunk.shape[-2:]), self.feature_pool_size),
@@ -268,15 +280,14 @@ class MdpsModel(PixelSpaceModel):
         samples = self._posterior_samples(y, torch.ones_like(y[:, :1]), noise, self.mask_guidance_scale)
         return y, noise, features_y, samples
 
-    def _density_distance(self, features_y: list[torch.Tensor]) -> torch.Tensor:
-        """Mahalanobis distances of the images' features (``features_y`` hold N_s copies), at image size."""
-        features = [f[:: self.num_samples] for f in features_y]
-        distance = self.feature_density.distance(self.feature_density.embedding(features))
-        return F.interpolate(distance, size=self.image_size, mode="bilinear", align_corners=False)
+    def _density_distance(self, full_images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Mahalanobis distances of the features of images as they entered, at the denoiser's ``size``."""
+        distance = self.feature_density.distance(self.feature_density.embedding(self.features(full_images)))
+        return F.interpolate(distance, size=tuple(size), mode="bilinear", align_corners=False)
 
-    def density_map(self, features_y: list[torch.Tensor]) -> torch.Tensor:
+    def density_map(self, full_images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The density term (not in MDPS), standardised by its normal-image mean and spread, smoothed."""
-        distance = self._density_distance(features_y)
+        distance = self._density_distance(full_images, size)
         return self.blur((distance - self.density_scale[0]) / self.density_scale[1])
 
     def _check_density_fitted(self) -> None:
@@ -287,6 +298,28 @@ class MdpsModel(PixelSpaceModel):
                 "MdpsModel.fit_feature_density(normal_training_images), or set density_weight=0."
             )
             raise RuntimeError(msg)
+
+    def set_image_size(self, image_size: Sequence[int]) -> None:
+        super().set_image_size(image_size)
+        self.full_size = (self.image_size[0] * self.input_scale, self.image_size[1] * self.input_scale)
+
+    def _checked(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images at the denoiser's size (box-filtered by ``input_scale``) and as they came."""
+        images = as_rgb_batch(images)
+        height, width = images.shape[-2:]
+        if height % self.input_scale or width % self.input_scale:
+            msg = (
+                f"Images of {height} x {width} px cannot be reduced by input_scale {self.input_scale}: "
+                f"give them at full_size {self.full_size} (input_scale x image_size)."
+            )
+            raise ValueError(msg)
+        small = F.avg_pool2d(images, self.input_scale) if self.input_scale > 1 else images
+        return super()._checked(small), images
+
+    def _at_input_size(self, anomaly_map: torch.Tensor, full_images: torch.Tensor) -> torch.Tensor:
+        if self.input_scale == 1:
+            return anomaly_map
+        return F.interpolate(anomaly_map, size=full_images.shape[-2:], mode="bilinear", align_corners=False)
 
     def _check_calibrated(self) -> None:
         self._check_density_fitted()
