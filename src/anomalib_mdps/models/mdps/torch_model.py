@@ -29,9 +29,9 @@ class MdpsOutput(NamedTuple):
     """Everything one MDPS scoring run produces, per input image."""
 
     pred_score: torch.Tensor  # (B,)
-    anomaly_map: torch.Tensor  # (B, 1, H, W), D̄ of the final pass, blurred
-    reconstruction: torch.Tensor  # (B, 3, H, W) in [0, 1], first posterior sample of the final pass
-    mask: torch.Tensor  # (B, 1, H, W), m of the final pass (all ones without the mask pass)
+    anomaly_map: torch.Tensor  # (B, 1, H, W) at the input's size: D̄ of the final pass, blurred (+ the density)
+    reconstruction: torch.Tensor  # (B, 3, h, w) in [0, 1] at image_size, first posterior sample of the final pass
+    mask: torch.Tensor  # (B, 1, h, w) at image_size, m of the final pass (all ones without the mask pass)
 
 
 class MdpsModel(PixelSpaceModel):
