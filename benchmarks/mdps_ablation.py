@@ -25,6 +25,7 @@ from benchmarks.profiles import cpu_profile_datamodule
 from benchmarks.timing import PerImageTimes
 
 if TYPE_CHECKING:
+    from anomalib_mdps.models.calibration import CalibrationHoldout
     from anomalib_mdps.models.mdps import MdpsModel
 
 # Short side per input-size setting: "64" and "96" are square; the "aspect" ones keep each dataset's
@@ -36,6 +37,7 @@ def input_size(size: str, module: object, model_args: dict[str, Any]) -> tuple[i
     """(height, width) of an input-size setting for a datamodule's images."""
     from anomalib_mdps.components.denoiser import unet_downsampling_factor
     from anomalib_mdps.models.input_size import size_for_data
+    from anomalib_mdps.models.calibration import CalibrationHoldout
     from anomalib_mdps.models.mdps import MdpsModel
 
     short_side = SHORT_SIDES[size]
@@ -93,22 +95,23 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
 
 
 def load_denoiser(
-    saved: dict[str, Any], settings: dict[str, Any], name: str | None = None, output: Path | None = None,
+    saved: dict[str, Any], settings: dict[str, Any], module: Any = None, holdout: "CalibrationHoldout | None" = None,  # noqa: ANN401
 ) -> "MdpsModel":
     """An eval-mode ``MdpsModel`` with the saved weights and a row's settings; ``evaluate``
     re-measures the normal-image statistics saved with them.
 
     Loading is strict: weights of an older layout of the model must fail here, not leave an
     untrained denoiser to score the test set. Weights saved before the feature density existed
-    (no ``feature_density.*`` tensors) load when ``name`` is given: the density is fit here on
-    dataset ``name``'s training images, the held-out calibration images excluded, as training
-    would have (it depends only on the frozen backbone).
+    (no ``feature_density.*`` tensors) load when the datamodule ``module`` and the ``holdout`` that
+    training chose are given: the density is fit here on its training images, the held-out ones
+    excluded, as training would have (it depends only on the frozen backbone).
     """
+    from anomalib_mdps.models.calibration import CalibrationHoldout
     from anomalib_mdps.models.mdps import MdpsModel
 
     model = MdpsModel(image_size=saved["image_size"], **settings).eval()
     state = dict(saved["state_dict"])
-    refit = name is not None and not any(key.startswith("feature_density.") for key in state)
+    refit = module is not None and not any(key.startswith("feature_density.") for key in state)
     if refit:
         fresh = model.state_dict()
         state.update({key: fresh[key] for key in fresh if key.startswith("feature_density.") or key == "density_scale"})
@@ -118,17 +121,22 @@ def load_denoiser(
         msg = f"The saved denoiser does not fit MdpsModel; delete the weights file to retrain. {error}"
         raise RuntimeError(msg) from error
     if refit and model.density_weight > 0:
-        fit_density_on_training_images(model, datamodule(name, output or Path()), saved)
+        fit_density_on_training_images(model, module, holdout)
     return model
 
 
-def fit_density_on_training_images(model: "MdpsModel", module: Any, saved: dict[str, Any]) -> None:  # noqa: ANN401
-    from torchvision.transforms.v2.functional import resize
-
+def chosen_holdout(module: Any, saved: dict[str, Any]) -> "CalibrationHoldout":  # noqa: ANN401
+    """The held-out images training chose (the same file-name hash), read from the dataset."""
     from anomalib_mdps.models.calibration import CalibrationHoldout
 
     holdout = CalibrationHoldout(len(saved["calibration"]))
-    holdout.choose(module)  # the held-out images training chose, by the same file-name hash
+    holdout.choose(module)
+    return holdout
+
+
+def fit_density_on_training_images(model: "MdpsModel", module: Any, holdout: "CalibrationHoldout") -> None:  # noqa: ANN401
+    from torchvision.transforms.v2.functional import resize
+
     for batch in module.train_dataloader():
         model.accumulate_feature_density(resize(holdout.split_off(batch), list(model.full_size), antialias=True))
     model.fit_feature_density()
@@ -140,16 +148,16 @@ def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -
     from torchvision.transforms.v2.functional import resize
 
     saved = torch.load(weights, weights_only=False)
-    model = load_denoiser(saved, settings, name, output)
+    module = datamodule(name, output)
     # The held-out images as training saw them (at full_size); weights saved before input_scale
     # existed hold them at the denoiser's size, so they are read again from the dataset.
-    holdout = CalibrationHoldout(len(saved["calibration"]))
-    holdout.choose(datamodule(name, output))
+    holdout = chosen_holdout(module, saved)
+    model = load_denoiser(saved, settings, module, holdout)
     model.calibrate(holdout.stacked(lambda image: resize(image, list(model.full_size), antialias=True), "cpu"))
     scores, labels, maps, masks = [], [], [], []
     aupro = _AUPRO(fpr_limit=0.3)
     timer, evaluation_size = PerImageTimes(), None
-    for batch in datamodule(name, output).test_dataloader():
+    for batch in module.test_dataloader():
         images = resize(batch.image, list(model.full_size), antialias=True)
         result = timer.call(model.reconstruct, images, images=len(images))
         # Pixel metrics at the first test image's resolution (KolektorSDD's sizes vary by a few pixels).

@@ -96,8 +96,8 @@ class DiffusionModuleMixin:
         size = size_for_data(datamodule, self.short_side, self.model.size_factor)
         if size is not None and size != self.model.image_size:
             self.model.set_image_size(size)
-            # Mdps takes images at a multiple of its denoiser's size (``full_size``).
-            self.pre_processor.transform = resize_transform(getattr(self.model, "full_size", size))
+            # Images enter at the model's ``full_size`` (Mdps: a multiple of its denoiser's size).
+            self.pre_processor.transform = resize_transform(self.model.full_size)
             self.pre_processor.export_transform = get_exportable_transform(self.pre_processor.transform)
             # anomalib's datamodule set itself up first and copied the model's (square) resize into
             # its datasets; without this, training and validation images would be squashed to the

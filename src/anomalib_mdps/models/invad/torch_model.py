@@ -202,6 +202,7 @@ class InvADModel(nn.Module):
             )
             raise ValueError(msg)
         self.image_size, self.grid_size = size, grid_size
+        self.full_size = size  # the size images enter at, as for the pixel-space models
         self.input_size.copy_(torch.tensor(size))
         # The map holds no detail finer than its grid: blurring it at a quarter of the image size
         # and then interpolating matches blurring at full size at a fraction of the cost.

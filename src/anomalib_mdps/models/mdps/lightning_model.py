@@ -95,15 +95,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         evaluator: Any = True,  # noqa: ANN401
         visualizer: Any = True,  # noqa: ANN401
     ) -> None:
-        super().__init__(
-            pre_processor=self.configure_pre_processor(tuple(side * input_scale for side in square(image_size)))
-            if pre_processor is True
-            else pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.model = MdpsModel(
+        model = MdpsModel(
             image_size=square(image_size),
             unet_channels=unet_channels,
             layers_per_block=layers_per_block,
@@ -139,6 +131,14 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
             density_dims=density_dims,
             input_scale=input_scale,
         )
+        super().__init__(
+            # Images enter at the torch model's ``full_size`` (``input_scale`` × the denoiser's size).
+            pre_processor=self.configure_pre_processor(model.full_size) if pre_processor is True else pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = model
         self.short_side = image_size if isinstance(image_size, int) else None
         self.setup_prior_training(
             calibration_images, step_batch_size, max_epochs, learning_rate, weight_decay, optimizer, lr_schedule,
