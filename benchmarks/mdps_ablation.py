@@ -120,7 +120,7 @@ def load_denoiser(
     except RuntimeError as error:
         msg = f"The saved denoiser does not fit MdpsModel; delete the weights file to retrain. {error}"
         raise RuntimeError(msg) from error
-    if refit and model.density_weight > 0:
+    if refit and model.uses_density:
         fit_density_on_training_images(model, module, holdout)
     return model
 

@@ -54,15 +54,20 @@ def test_distance_refuses_features_of_another_grid() -> None:
         density.distance(torch.rand(1, 5, 6, 4))
 
 
-def test_density_is_added_to_the_eq18_map_with_its_weight(tiny_mdps_model) -> None:
-    with_density = tiny_mdps_model(density_weight=2.0)
-    without = tiny_mdps_model(density_weight=0.0)
+def test_density_is_added_to_the_map_and_to_the_image_score_each_with_its_own_weight(tiny_mdps_model) -> None:
+    from anomalib_mdps.components import top_k_mean_score
+
+    with_density = tiny_mdps_model(density_weight=2.0, score_density_weight=5.0)
+    without = tiny_mdps_model(density_weight=0.0, score_density_weight=0.0)
     without.load_state_dict(with_density.state_dict())
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     combined, alone = with_density.reconstruct(images), without.reconstruct(images)
     density_map = with_density.density_map(images, (32, 32))
     assert density_map.abs().max() > 0.1
     torch.testing.assert_close(combined.anomaly_map, alone.anomaly_map + 2.0 * density_map, rtol=1e-4, atol=1e-4)
+    score_map = alone.anomaly_map + 5.0 * density_map
+    torch.testing.assert_close(combined.pred_score, top_k_mean_score(score_map, with_density.top_k), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(combined.pred_score, top_k_mean_score(combined.anomaly_map, with_density.top_k), rtol=1e-3)
     # Standardised on the normal images it was calibrated on: mean 0 and spread 1 there, before the blur.
     normal = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))  # the fixture's calibration images
     distance = with_density._density_distance(normal, (32, 32))

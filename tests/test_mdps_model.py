@@ -26,7 +26,8 @@ def test_an_image_scores_the_same_alone_and_in_a_batch(tiny_mdps_model) -> None:
 
 
 def test_outputs_have_the_documented_shapes_and_ranges(tiny_mdps_model) -> None:
-    output = tiny_mdps_model().reconstruct(_images())
+    # One density weight for map and score: the score is then the top-S mean of the map itself.
+    output = tiny_mdps_model(density_weight=1.0, score_density_weight=1.0).reconstruct(_images())
     assert output.pred_score.shape == (3,)
     assert output.anomaly_map.shape == (3, 1, 32, 32)
     assert output.reconstruction.shape == (3, 3, 32, 32)
@@ -158,7 +159,7 @@ def test_a_model_without_normal_statistics_says_how_to_get_them() -> None:
     with pytest.raises(RuntimeError, match="calibrate"):
         model.reconstruct(_images(1))
     with pytest.raises(RuntimeError, match="calibrate"):
-        MdpsModel(**TINY_MDPS, density_weight=0.0).eval().reconstruct(_images(1))
+        MdpsModel(**TINY_MDPS, density_weight=0.0, score_density_weight=0.0).eval().reconstruct(_images(1))
 
 
 def test_held_out_calibration_images_depend_on_names_only() -> None:
@@ -262,8 +263,8 @@ def test_evaluation_batches_are_sampled_in_chunks_that_score_like_the_whole_batc
     from anomalib_mdps.models import Mdps
 
     settings = {k: v for k, v in TINY_MDPS.items() if k != "image_size"}
-    module = Mdps(image_size=32, **settings, standardize=False, threshold_mode="per_image", density_weight=0.0, step_batch_size=4,
-                  evaluator=False, visualizer=False).eval()
+    module = Mdps(image_size=32, **settings, standardize=False, threshold_mode="per_image", density_weight=0.0,
+                  score_density_weight=0.0, step_batch_size=4, evaluator=False, visualizer=False).eval()
     images = _images(5)
     whole = module.model.reconstruct(images)
     sampled_together = []

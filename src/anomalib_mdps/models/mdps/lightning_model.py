@@ -41,7 +41,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         optimizer: ``adam`` (paper) or ``adamw`` (decoupled weight decay).
         lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate decays to zero over the
             trainer's epochs (stepped per epoch), so that short CPU runs end on settled weights.
-        density_weight, density_dims, input_scale: see ``MdpsModel``; the density is fit on the first
+        density_weight, score_density_weight, density_dims, input_scale: see ``MdpsModel``; the density is fit on the first
             training epoch's images (held-out ones excluded). The pre-processor resizes images to
             ``input_scale`` × the denoiser's size.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
@@ -62,7 +62,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         mask_guidance_scale: float | None = 1.0,
         guidance_norm: str = GuidanceNorm.SQUARED.value,
         ddim_eta: float = 1.0,
-        num_samples: int = 8,
+        num_samples: int = 4,
         use_mask: bool = True,
         mask_threshold: float = 0.5,
         threshold_mode: str = ThresholdMode.NORMAL.value,
@@ -82,12 +82,13 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         seed: int = 0,
         calibration_images: int = 16,
         step_batch_size: int = 8,
-        max_epochs: int = 30,
+        max_epochs: int = 20,
         learning_rate: float = 5e-4,
         weight_decay: float = 5e-2,
         optimizer: str = "adam",
         lr_schedule: str = "constant",
-        density_weight: float = 2.0,
+        density_weight: float = 0.5,
+        score_density_weight: float = 4.0,
         density_dims: int = 100,
         input_scale: int = 4,
         pre_processor: torch.nn.Module | bool = True,
@@ -128,6 +129,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
             train_max_noise_level=train_max_noise_level,
             seed=seed,
             density_weight=density_weight,
+            score_density_weight=score_density_weight,
             density_dims=density_dims,
             input_scale=input_scale,
         )
@@ -151,7 +153,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
 
     def training_step(self, batch: Batch, *args, **kwargs) -> None:
         """The denoiser's Adam steps; in the first epoch also the feature density's sums."""
-        if self.model.density_weight > 0 and self.current_epoch == 0 and not self.model.feature_density.fitted:
+        if self.model.uses_density and self.current_epoch == 0 and not self.model.feature_density.fitted:
             self.model.accumulate_feature_density(self.calibration.split_off(batch))
         super().training_step(batch, *args, **kwargs)
 

@@ -81,7 +81,12 @@ class MdpsModel(PixelSpaceModel):
         density_weight: weight of a term that is not in MDPS: the Mahalanobis distance of the
             input's backbone features to a per-location Gaussian of normal training features
             (PaDiM's model), standardised on held-out normal images like the eq.-18 terms and
-            added to the final map. 0 scores eq. 18–19 alone, as the paper.
+            added to the final map. 0 maps eq. 18–19 alone, as the paper.
+        score_density_weight: weight of the same density term in the image score (the top-S mean
+            of D̄ + ``score_density_weight`` × density). Separate from ``density_weight`` because
+            the two metrics want different weights: a 64 px denoiser's D̄ locates defects well but
+            its image-level maxima on normal images vary (MVTec 3D tire), while the density ranks
+            whole images better than it outlines defects. With both 0 the score is the paper's.
         density_dims: backbone channels (seeded random choice) the Gaussian models.
         input_scale: images enter at ``input_scale`` × ``image_size``. The denoiser and eq. 18 see
             them box-filtered down to ``image_size``; the feature density sees them as they came,
@@ -104,7 +109,7 @@ class MdpsModel(PixelSpaceModel):
         mask_guidance_scale: float | None = 1.0,
         guidance_norm: GuidanceNorm | str = GuidanceNorm.SQUARED,
         ddim_eta: float = 1.0,
-        num_samples: int = 8,
+        num_samples: int = 4,
         use_mask: bool = True,
         mask_threshold: float = 0.5,
         threshold_mode: ThresholdMode | str = ThresholdMode.NORMAL,
@@ -122,7 +127,8 @@ class MdpsModel(PixelSpaceModel):
         ema_decay: float = 0.995,
         train_max_noise_level: int | None = 400,
         seed: int = 0,
-        density_weight: float = 2.0,
+        density_weight: float = 0.5,
+        score_density_weight: float = 4.0,
         density_dims: int = 100,
         input_scale: int = 4,
     ) -> None:
@@ -160,10 +166,12 @@ class MdpsModel(PixelSpaceModel):
         self.blur_sigma = blur_sigma
         self.train_max_noise_level = train_max_noise_level
         self.seed = seed
-        if density_weight < 0:
-            msg = f"density_weight must be >= 0, got {density_weight}."
-            raise ValueError(msg)
+        for name, weight in (("density_weight", density_weight), ("score_density_weight", score_density_weight)):
+            if weight < 0:
+                msg = f"{name} must be >= 0, got {weight}."
+                raise ValueError(msg)
         self.density_weight = density_weight
+        self.score_density_weight = score_density_weight
 
         self.prior = DiffusionPrior(
             image_size, 3, unet_channels, layers_per_block, attention_levels,
@@ -229,12 +237,15 @@ class MdpsModel(PixelSpaceModel):
             difference = self.difference_map(samples, images, features_y)
         else:
             mask = mask[:: self.num_samples]
-        if self.density_weight > 0:
-            difference = difference + self.density_weight * self.density_map(full, images.shape[-2:])
+        score_map = anomaly_map = difference
+        if self.uses_density:
+            density = self.density_map(full, images.shape[-2:])
+            anomaly_map = difference + self.density_weight * density
+            score_map = difference + self.score_density_weight * density
         reconstruction = samples[:: self.num_samples]
         return MdpsOutput(
-            pred_score=top_k_mean_score(difference, self.top_k),
-            anomaly_map=self._at_input_size(difference, full),
+            pred_score=top_k_mean_score(score_map, self.top_k),
+            anomaly_map=self._at_input_size(anomaly_map, full),
             reconstruction=reconstruction,
             mask=mask,
         )
@@ -255,7 +266,7 @@ class MdpsModel(PixelSpaceModel):
         for full_chunk in normal_images.split(batch_size):
             chunk, full_chunk = self._checked(full_chunk)
             _, _, features_y, samples = self._first_pass(chunk)
-            if self.density_weight > 0:
+            if self.uses_density:
                 density.append(self._density_distance(full_chunk, chunk.shape[-2:]))
             pixel.append(pixel_difference(samples, chunk.repeat_interleave(self.num_samples, dim=0)))
             perceptual.append(
@@ -280,6 +291,11 @@ class MdpsModel(PixelSpaceModel):
         samples = self._posterior_samples(y, torch.ones_like(y[:, :1]), noise, self.mask_guidance_scale)
         return y, noise, features_y, samples
 
+    @property
+    def uses_density(self) -> bool:
+        """Whether the map or the image score adds the feature density (not in MDPS)."""
+        return self.density_weight > 0 or self.score_density_weight > 0
+
     def _density_distance(self, full_images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Mahalanobis distances of the features of images as they entered, at the denoiser's ``size``."""
         distance = self.feature_density.distance(self.feature_density.embedding(self.features(full_images)))
@@ -291,11 +307,11 @@ class MdpsModel(PixelSpaceModel):
         return self.blur((distance - self.density_scale[0]) / self.density_scale[1])
 
     def _check_density_fitted(self) -> None:
-        if self.density_weight > 0 and not is_tracing() and not self.feature_density.fitted:
+        if self.uses_density and not is_tracing() and not self.feature_density.fitted:
             msg = (
-                "This Mdps model has no normal feature density (density_weight > 0). Train it with the "
-                "Lightning module (it fits the density in the first epoch), call "
-                "MdpsModel.fit_feature_density(normal_training_images), or set density_weight=0."
+                "This Mdps model has no normal feature density (density_weight or score_density_weight "
+                "> 0). Train it with the Lightning module (it fits the density in the first epoch), call "
+                "MdpsModel.fit_feature_density(normal_training_images), or set both weights to 0."
             )
             raise RuntimeError(msg)
 
