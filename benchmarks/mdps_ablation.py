@@ -37,7 +37,6 @@ def input_size(size: str, module: object, model_args: dict[str, Any]) -> tuple[i
     """(height, width) of an input-size setting for a datamodule's images."""
     from anomalib_mdps.components.denoiser import unet_downsampling_factor
     from anomalib_mdps.models.input_size import size_for_data
-    from anomalib_mdps.models.calibration import CalibrationHoldout
     from anomalib_mdps.models.mdps import MdpsModel
 
     short_side = SHORT_SIDES[size]
@@ -106,7 +105,6 @@ def load_denoiser(
     training chose are given: the density is fit here on its training images, the held-out ones
     excluded, as training would have (it depends only on the frozen backbone).
     """
-    from anomalib_mdps.models.calibration import CalibrationHoldout
     from anomalib_mdps.models.mdps import MdpsModel
 
     model = MdpsModel(image_size=saved["image_size"], **settings).eval()

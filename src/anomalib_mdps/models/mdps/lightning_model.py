@@ -41,9 +41,9 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         optimizer: ``adam`` (paper) or ``adamw`` (decoupled weight decay).
         lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate decays to zero over the
             trainer's epochs (stepped per epoch), so that short CPU runs end on settled weights.
-        density_weight, score_density_weight, density_dims, input_scale: see ``MdpsModel``; the density is fit on the first
-            training epoch's images (held-out ones excluded). The pre-processor resizes images to
-            ``input_scale`` × the denoiser's size.
+        density_weight, score_density_weight, density_dims, input_scale: see ``MdpsModel``; the
+            density is fit on the first training epoch's images (held-out ones excluded). The
+            pre-processor resizes images to ``input_scale`` × the denoiser's size.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
