@@ -68,11 +68,57 @@ def test_density_is_added_to_the_map_and_to_the_image_score_each_with_its_own_we
     score_map = alone.anomaly_map + 5.0 * density_map
     torch.testing.assert_close(combined.pred_score, top_k_mean_score(score_map, with_density.top_k), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(combined.pred_score, top_k_mean_score(combined.anomaly_map, with_density.top_k), rtol=1e-3)
-    # Standardised on the normal images it was calibrated on: mean 0 and spread 1 there, before the blur.
+    # Standardised location by location on the normal images it was calibrated on, before the blur:
+    # mean 0 at every location, spread 1 wherever it is above the floor and below 1 where floored.
     normal = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))  # the fixture's calibration images
     distance = with_density._density_distance(normal, (32, 32))
+    assert with_density.density_scale.shape == (2, 32, 32)
     standardised = (distance - with_density.density_scale[0]) / with_density.density_scale[1]
-    assert abs(standardised.mean().item()) < 1e-4 and standardised.std().item() == pytest.approx(1.0, rel=1e-4)
+    spread = standardised.std(dim=0)
+    assert standardised.mean(dim=0).abs().max() < 1e-4
+    assert spread.max() < 1 + 1e-4 and (spread - 1).abs().min() < 1e-4
+
+
+def test_per_location_statistics_weigh_a_deviation_by_its_locations_normal_spread() -> None:
+    from anomalib_mdps.models.mdps.torch_model import (
+        DENSITY_SPREAD_FLOOR,
+        DensityStatistics,
+        normal_density_statistics,
+    )
+
+    generator = torch.Generator().manual_seed(9)
+    # Held-out normal distances: 3 around a mean of 5 at the left border column, 1 around 2 inside,
+    # and one location that never varies.
+    spread = torch.ones(1, 1, 4, 6)
+    spread[..., 0] = 3.0
+    distances = 2 + 3 * (spread > 1) + spread * torch.randn(64, 1, 4, 6, generator=generator)
+    distances[:, :, 3, 5] = 2.0
+    mean, local = normal_density_statistics(distances, DensityStatistics.PER_LOCATION)
+    torch.testing.assert_close(mean, distances.mean(dim=0)[0])
+    assert local[:, 0].min() > 2.2 and local[:, 1:5].max() < 1.35  # each location's own spread
+    assert local[3, 5] == pytest.approx(DENSITY_SPREAD_FLOOR * float(distances.std()))
+    # A border value 3 above its normal mean ranks with an inside value 1 above its mean.
+    probe = mean.clone()
+    probe[1, 0] += 3.0
+    probe[1, 3] += 1.0
+    standardised = (probe - mean) / local
+    assert standardised[1, 0] == pytest.approx(float(standardised[1, 3]), rel=0.35)
+    # Globally, the border value would score about 3 times the inside one.
+    mean_all, spread_all = normal_density_statistics(distances, DensityStatistics.GLOBAL)
+    assert mean_all.shape == () and spread_all == pytest.approx(float(distances.std()))
+    # One image gives no spread per location: the global statistics stand in.
+    assert normal_density_statistics(distances[:1], DensityStatistics.PER_LOCATION).shape == (2,)
+
+
+def test_weights_calibrated_with_one_global_density_statistic_still_load(tiny_mdps_model) -> None:
+    per_location = tiny_mdps_model()
+    state = per_location.state_dict()
+    state["density_scale"] = torch.tensor([1.5, 2.0])  # saved before the statistics were per location
+    older = tiny_mdps_model()
+    older.load_state_dict(state)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    distance = older._density_distance(images, (32, 32))
+    torch.testing.assert_close(older.density_map(images, (32, 32)), older.blur((distance - 1.5) / 2.0))
 
 
 def test_training_fits_the_density_on_the_training_images_without_the_held_out_ones(tmp_path) -> None:  # noqa: ANN001
@@ -98,7 +144,8 @@ def test_training_fits_the_density_on_the_training_images_without_the_held_out_o
     with torch.no_grad():
         embeddings = density.embedding(model.model.features(torch.stack(trained_on)))
     torch.testing.assert_close(density.mean, embeddings.flatten(2).mean(0), rtol=1e-4, atol=1e-5)
-    assert model.model.density_scale[1] != 1.0  # calibrated after the fit, on the held-out images
+    # Calibrated after the fit, on the two held-out images: a mean and spread per location.
+    assert model.model.density_scale.shape == (2, 32, 32) and not torch.all(model.model.density_scale[1] == 1.0)
 
 
 def test_density_sees_the_input_at_full_size_while_the_denoiser_sees_it_box_filtered(tiny_mdps_model) -> None:

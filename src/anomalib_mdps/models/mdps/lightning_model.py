@@ -17,7 +17,7 @@ from anomalib_mdps.models.input_size import square
 from anomalib_mdps.models.prior_training import PriorTrainingMixin
 
 from .sampler import Guidance, GuidanceNorm, ThresholdMode
-from .torch_model import MdpsModel
+from .torch_model import DensityStatistics, MdpsModel
 
 
 
@@ -41,9 +41,9 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         optimizer: ``adam`` (paper) or ``adamw`` (decoupled weight decay).
         lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate decays to zero over the
             trainer's epochs (stepped per epoch), so that short CPU runs end on settled weights.
-        density_weight, score_density_weight, density_dims, input_scale: see ``MdpsModel``; the
-            density is fit on the first training epoch's images (held-out ones excluded). The
-            pre-processor resizes images to ``input_scale`` × the denoiser's size.
+        density_weight, score_density_weight, density_dims, density_statistics, input_scale: see
+            ``MdpsModel``; the density is fit on the first training epoch's images (held-out ones
+            excluded). The pre-processor resizes images to ``input_scale`` × the denoiser's size.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -90,6 +90,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         density_weight: float = 0.5,
         score_density_weight: float = 4.0,
         density_dims: int = 100,
+        density_statistics: str = DensityStatistics.PER_LOCATION.value,
         input_scale: int = 4,
         pre_processor: torch.nn.Module | bool = True,
         post_processor: torch.nn.Module | bool = True,
@@ -131,6 +132,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
             density_weight=density_weight,
             score_density_weight=score_density_weight,
             density_dims=density_dims,
+            density_statistics=density_statistics,
             input_scale=input_scale,
         )
         super().__init__(

@@ -2,10 +2,12 @@
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from enum import Enum
 from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
+from anomalib.models.components.base import DynamicBufferMixin
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.components import (
@@ -25,6 +27,18 @@ from .anomaly_map import mean_over_samples, reconstruction_difference, weighted_
 from .sampler import Guidance, GuidanceNorm, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
 
 
+# A location's spread is estimated from the few held-out images (16: about 18 % error); below
+# this fraction of the spread over all locations it would amplify noise, not calibrate it.
+DENSITY_SPREAD_FLOOR = 0.25
+
+
+class DensityStatistics(str, Enum):
+    """How the density term is standardised on held-out normal images."""
+
+    PER_LOCATION = "per_location"
+    GLOBAL = "global"
+
+
 class MdpsOutput(NamedTuple):
     """Everything one MDPS scoring run produces, per input image."""
 
@@ -34,7 +48,7 @@ class MdpsOutput(NamedTuple):
     mask: torch.Tensor  # (B, 1, h, w) at image_size, m of the final pass (all ones without the mask pass)
 
 
-class MdpsModel(PixelSpaceModel):
+class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
     """MDPS (Wu et al.): reconstruct the normal image by masked diffusion posterior sampling.
 
     Images enter in [0, 1] at ``full_size`` (``input_scale`` × ``image_size``) and maps leave at
@@ -80,14 +94,18 @@ class MdpsModel(PixelSpaceModel):
             the sampling noise (drawn once, shared by every image) and of the density's channels.
         density_weight: weight of a term that is not in MDPS: the Mahalanobis distance of the
             input's backbone features to a per-location Gaussian of normal training features
-            (PaDiM's model), standardised on held-out normal images like the eq.-18 terms and
-            added to the final map. 0 maps eq. 18–19 alone, as the paper.
+            (PaDiM's model), added to the final map. 0 maps eq. 18–19 alone, as the paper.
+            Standardised at each location by its mean and spread on the held-out normal images
+            (``density_statistics``).
         score_density_weight: weight of the same density term in the image score (the top-S mean
             of D̄ + ``score_density_weight`` × density). Separate from ``density_weight`` because
             the two metrics want different weights: a 64 px denoiser's D̄ locates defects well but
             its image-level maxima on normal images vary (MVTec 3D tire), while the density ranks
             whole images better than it outlines defects. With both 0 the score is the paper's.
         density_dims: backbone channels (seeded random choice) the Gaussian models.
+        density_statistics: ``per_location`` (each location's own mean and spread on the held-out
+            normal images, the spread floored at ``DENSITY_SPREAD_FLOOR`` × the spread over all
+            locations) or ``global`` (one mean and spread for the whole map).
         input_scale: images enter at ``input_scale`` × ``image_size``. The denoiser and eq. 18 see
             them box-filtered down to ``image_size``; the feature density sees them as they came,
             so it keeps the detail the denoiser's resolution drops (a small dark defect on a tyre
@@ -130,6 +148,7 @@ class MdpsModel(PixelSpaceModel):
         density_weight: float = 0.5,
         score_density_weight: float = 4.0,
         density_dims: int = 100,
+        density_statistics: DensityStatistics | str = DensityStatistics.PER_LOCATION,
         input_scale: int = 4,
     ) -> None:
         super().__init__()
@@ -172,6 +191,7 @@ class MdpsModel(PixelSpaceModel):
                 raise ValueError(msg)
         self.density_weight = density_weight
         self.score_density_weight = score_density_weight
+        self.density_statistics = DensityStatistics(density_statistics)
 
         self.prior = DiffusionPrior(
             image_size, 3, unet_channels, layers_per_block, attention_levels,
@@ -184,7 +204,8 @@ class MdpsModel(PixelSpaceModel):
         self.set_image_size(image_size)
         # Normal-image statistics (see ``calibrate``); saved with the weights.
         self.register_buffer("term_scale", torch.ones(2))  # spread of the pixel and perceptual terms
-        self.register_buffer("density_scale", torch.tensor([0.0, 1.0]))  # mean and spread of the density term
+        # Mean and spread of the density term: (2,), or (2, h, w) per location (``density_statistics``).
+        self.register_buffer("density_scale", torch.tensor([0.0, 1.0]))
         self.register_buffer("normal_mask_threshold", torch.tensor(float("inf")))
         self.register_buffer("calibrated", torch.tensor(False))
 
@@ -254,7 +275,8 @@ class MdpsModel(PixelSpaceModel):
     def calibrate(self, normal_images: torch.Tensor, batch_size: int = 8) -> None:
         """Measure the eq.-18 terms and the first-pass D̄ on normal images the denoiser never saw.
 
-        ``density_scale``: the mean and standard deviation of the density term's distances there.
+        ``density_scale``: the mean and spread of the density term's distances there (see
+        ``normal_density_statistics``).
         ``term_scale``: the standard deviation of the pixel and of the perceptual term over all
         pixels and samples of the first pass (m = 1), so that ``standardize`` weighs both by
         their spread on normal data. ``normal_mask_threshold``: the ``mask_quantile`` of the
@@ -275,8 +297,7 @@ class MdpsModel(PixelSpaceModel):
         pixel, perceptual = torch.cat(pixel), torch.cat(perceptual)
         self.term_scale.copy_(torch.stack([pixel.std(), perceptual.std()]).clamp(min=1e-6))
         if density:
-            density = torch.cat(density)
-            self.density_scale.copy_(torch.stack([density.mean(), density.std().clamp(min=1e-6)]))
+            self.density_scale = normal_density_statistics(torch.cat(density), self.density_statistics)
         self.calibrated.fill_(True)
         difference = self._smoothed_mean(weighted_terms(pixel, perceptual, self.pixel_weight, self._term_scale()))
         self.normal_mask_threshold.copy_(_quantile(difference.flatten(), self.mask_quantile))
@@ -418,6 +439,21 @@ class MdpsModel(PixelSpaceModel):
             yield
         finally:
             self.guidance = guidance
+
+
+def normal_density_statistics(distances: torch.Tensor, statistics: DensityStatistics) -> torch.Tensor:
+    """Mean and spread of held-out normal images' density distances (N, 1, h, w): (2,) or (2, h, w).
+
+    Per location, because the spread is not the same everywhere: at the image borders, where the
+    backbone's padding shapes the features, normal images' distances vary several times more than
+    inside, and one global spread lets those border values decide the image score. Fewer than
+    two images give no per-location spread; the global statistics stand in.
+    """
+    spread = distances.std().clamp(min=1e-6) if distances.numel() > 1 else distances.new_tensor(1.0)
+    if statistics == DensityStatistics.GLOBAL or distances.shape[0] < 2:
+        return torch.stack([distances.mean(), spread])
+    local_spread = distances.std(dim=0)[0].clamp(min=DENSITY_SPREAD_FLOOR * float(spread))
+    return torch.stack([distances.mean(dim=0)[0], local_spread])
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
