@@ -103,7 +103,7 @@ def test_per_location_statistics_weigh_a_deviation_by_its_locations_normal_sprea
     probe[1, 3] += 1.0
     standardised = (probe - mean) / local
     assert standardised[1, 0] == pytest.approx(float(standardised[1, 3]), rel=0.35)
-    # Globally, the border value would score about 3 times the inside one.
+    # Global statistics: one mean and spread for the whole map.
     mean_all, spread_all = normal_density_statistics(distances, DensityStatistics.GLOBAL)
     assert mean_all.shape == () and spread_all == pytest.approx(float(distances.std()))
     # One image gives no spread per location: the global statistics stand in.

@@ -450,7 +450,7 @@ def normal_density_statistics(distances: torch.Tensor, statistics: DensityStatis
     at the borders. Fewer than two images give no per-location spread; the global statistics
     stand in.
     """
-    spread = distances.std().clamp(min=1e-6) if distances.numel() > 1 else distances.new_tensor(1.0)
+    spread = distances.std().clamp(min=1e-6)
     if statistics == DensityStatistics.GLOBAL or distances.shape[0] < 2:
         return torch.stack([distances.mean(), spread])
     local_spread = distances.std(dim=0)[0].clamp(min=DENSITY_SPREAD_FLOOR * float(spread))
