@@ -211,6 +211,8 @@ def main() -> None:
                         help="JSON {pinned: settings of every row, rows: [{name, size, settings, datasets?}]}")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--train-args", type=json.loads, default={})
+    parser.add_argument("--pinned-args", type=json.loads, default={},
+                        help="JSON settings that replace the rows file's pinned ones (e.g. a preset's input_scale)")
     parser.add_argument("--output", type=Path, required=True, help="weights, rows.jsonl and table.md (resumable)")
     args = parser.parse_args()
     hide_library_import_warnings()
@@ -221,6 +223,7 @@ def main() -> None:
     if results_file.exists():
         done = {(r["row"], r["dataset"]) for r in map(json.loads, results_file.read_text().splitlines())}
     pinned, rows = read_rows(args.rows)
+    pinned = {**pinned, **args.pinned_args}
     for row in rows:
         for name in args.datasets:
             if (row["name"], name) in done or name not in row.get("datasets", args.datasets):
