@@ -20,6 +20,7 @@ from anomalib_mdps.console import hide_library_import_warnings
 from .profiles import PROFILES_DIR, ProfileError, load_profile, notes_for, parse_assignment, plan_jobs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,15 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports (torch, anomalib) only once the arguments are known to be valid.
     import pandas as pd
 
-    from .report import RESULTS_CSV, markdown_table, write_reports
+    from .report import RESULTS_CSV, markdown_table, update_readme, write_reports
 
     notes = lambda names: notes_for(profile, names)  # noqa: E731
     if args.report_only:
         if not (output_dir / RESULTS_CSV).is_file():
             print(f"error: no {RESULTS_CSV} in {output_dir}", file=sys.stderr)
             return 2
-        write_reports(output_dir, pd.DataFrame(), profile, notes)
+        merged = write_reports(output_dir, pd.DataFrame(), profile, notes)
         print(f"Rewrote {output_dir / 'results.md'} and the plots from {RESULTS_CSV}")
+        if output_dir == (RESULTS_DIR / profile["name"]).resolve() and update_readme(README, profile["name"], merged):
+            print(f"Rewrote the {profile['name']} table in {README}")
         return 0
     models = list(dict.fromkeys(job.model["name"] for job in jobs))
     datasets = list(dict.fromkeys(job.dataset["name"] for job in jobs))
@@ -96,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print(markdown_table(pd.DataFrame(rows)), flush=True)
         print(f"Results merged into {output_dir}", flush=True)
+        # The README's table follows the committed results of its profile, not runs written elsewhere.
+        if output_dir == (RESULTS_DIR / profile["name"]).resolve():
+            update_readme(README, profile["name"], pd.read_csv(output_dir / RESULTS_CSV))
     print(f"Wall time: {time.perf_counter() - started:.0f} s", flush=True)
     for job, error in failures:
         last_line = error.strip().splitlines()[-1]

@@ -130,6 +130,10 @@ def run_job(job: Job) -> dict[str, Any]:
         test_start = time.perf_counter()
         test_results = engine.test(model, datamodule)[0]
         test_end = time.perf_counter()
+    if job.model.get("keep_weights"):
+        # For scripts that score the trained model again (``benchmarks.leave_one_out``), not for the table.
+        torch.save({"state_dict": model.model.state_dict(), "image_size": tuple(model.model.image_size)},
+                   job.directory / "model.pt")
     fit_seconds = test_start - fit_start
     labels = torch.cat(measured.labels)
     config = flatten_dict({"seed": job.settings["seed"], "model": job.model, "data": job.dataset})
@@ -137,6 +141,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "model": job.model["name"],
         "dataset": job.dataset["name"],
         **raw_metrics(measured),
+        **fit_time_choices(model),
         "image_F1Score": test_results.get("image_F1Score", float("nan")),
         "train_seconds": fit_seconds - measured.validation.seconds,
         "inference_ms_per_image": measured.latency.median_ms,
@@ -160,6 +165,12 @@ def run_job(job: Job) -> dict[str, Any]:
         **{f"anomalib_{name}": value for name, value in test_results.items()},
         **{f"config.{key}": _cell(value) for key, value in config.items()},
     }
+
+
+def fit_time_choices(model: AnomalibModule) -> dict[str, float]:
+    """What a model chose on its own selection split while it trained (Mdps: the score fusion)."""
+    report = getattr(model.model, "fusion_report", None)
+    return report() if callable(report) else {}
 
 
 def _die_with_parent(parent_pid: int) -> None:

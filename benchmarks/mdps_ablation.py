@@ -1,12 +1,18 @@
 """Mdps ablation: one denoiser per dataset and input size, many inference settings scored on it.
 
-    python -m benchmarks.mdps_ablation --datasets bottle kolektor tire demo --output /tmp/mdps_ablation
+    python -m benchmarks.mdps_ablation --datasets bottle kolektor tire mpdd --output /tmp/mdps_ablation
 
 Training settings (image size) need their own denoiser; everything else in a row (ρ of each pass,
-guidance norm, λ, standardisation, N_s, steps) changes only sampling and scoring, so each row
-re-runs the normal-image calibration and the test set on the same weights. Metrics are computed
-on raw scores with scikit-learn (image and pixel AUROC) and anomalib's AUPRO (FPR ≤ 0.3), at
-each dataset's original resolution. Nothing of the test set enters calibration.
+guidance norm, λ, standardisation, N_s, steps, the score fusion) changes only sampling and scoring,
+so each row re-runs the normal-image calibration on the same weights.
+
+Rows are scored on each dataset's selection split (held-out normal training images and synthetic
+defects, ``anomalib_mdps.selection_split``), never on a test image. The row with the best mean
+selection image AUROC over the datasets is chosen, and only then is the test set scored, for that
+row alone. ``--split test`` scores every row's test set instead: a report, from which no default
+may be chosen. Metrics are computed on raw scores with scikit-learn (image and pixel AUROC) and
+anomalib's AUPRO (FPR ≤ 0.3), at each dataset's original resolution (the selection split's at the
+model's input size). Nothing of the test set enters calibration.
 """
 
 import argparse
@@ -61,12 +67,18 @@ def datamodule(name: str, output: Path):
     return module
 
 
-def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str, Any]) -> Path:
-    """Fit the denoiser (no validation) and save its weights and held-out calibration images."""
+def train(
+    name: str, size: str, epochs: int, output: Path, model_args: dict[str, Any], weights_from: Path | None = None,
+) -> Path:
+    """Fit the denoiser (no validation) and save its weights and held-out calibration images; with
+    ``weights_from`` (a cpu-profile run's ``runs`` folder), take the preset-trained model that run kept.
+    """
     from lightning.pytorch import Callback, Trainer
 
     from anomalib_mdps.models import Mdps
 
+    if weights_from is not None:
+        return kept_by_profile(name, size, weights_from, output)
     module = datamodule(name, output)
     image_size = input_size(size, module, model_args)
     if image_size == input_size("64", module, model_args):
@@ -89,7 +101,28 @@ def train(name: str, size: str, epochs: int, output: Path, model_args: dict[str,
     trainer.fit(model, datamodule=module)
     seconds = time.perf_counter() - start
     torch.save({"state_dict": model.model.state_dict(), "calibration": model.held_out_images().cpu(),
+                "selection_images": len(model.calibration.selection_keys),
                 "image_size": image_size, "train_seconds": seconds, "losses": losses}, target)
+    return target
+
+
+def kept_by_profile(name: str, size: str, runs: Path, output: Path) -> Path:
+    """The weights a cpu-profile run kept for ``name`` (``keep_weights``), in this harness's format."""
+    from .profiles import load_profile, model_spec
+
+    if size != "aspect":
+        msg = f"--weights-from holds the cpu preset's aspect-aware models only, not size {size!r}."
+        raise ValueError(msg)
+    target = output / f"{name}_profile.pt"
+    if not target.exists():
+        kept = runs / f"Mdps-{name}" / "model.pt"
+        if not kept.is_file():
+            msg = f"No {kept}: run `python -m benchmarks --profile cpu --models Mdps` first."
+            raise FileNotFoundError(msg)
+        saved = torch.load(kept, weights_only=False)
+        preset = model_spec("Mdps", load_profile("cpu")["models"]["Mdps"])["init_args"]
+        torch.save({**saved, "calibration_images": preset.get("calibration_images", 16),
+                    "selection_images": preset.get("selection_images", 16)}, target)
     return target
 
 
@@ -109,6 +142,8 @@ def load_denoiser(
 
     model = MdpsModel(image_size=saved["image_size"], **settings).eval()
     state = dict(saved["state_dict"])
+    if model.patch_memory is None:  # a row without the memory scores weights trained with one
+        state = {key: value for key, value in state.items() if not key.startswith("patch_memory.")}
     refit = module is not None and not any(key.startswith("feature_density.") for key in state)
     if refit:
         fresh = model.state_dict()
@@ -127,7 +162,8 @@ def chosen_holdout(module: Any, saved: dict[str, Any]) -> "CalibrationHoldout": 
     """The held-out images training chose (the same file-name hash), read from the dataset."""
     from anomalib_mdps.models.calibration import CalibrationHoldout
 
-    holdout = CalibrationHoldout(len(saved["calibration"]))
+    count = saved["calibration_images"] if "calibration_images" in saved else len(saved["calibration"])
+    holdout = CalibrationHoldout(count, saved.get("selection_images", 0))
     holdout.choose(module)
     return holdout
 
@@ -140,10 +176,15 @@ def fit_density_on_training_images(model: "MdpsModel", module: Any, holdout: "Ca
     model.fit_feature_density()
 
 
-def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -> dict[str, float]:
+def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path, split: str = "selection") -> dict:
+    """A row's metrics on the dataset's selection split (the default) or its test set."""
     from anomalib.metrics.aupro import _AUPRO
     from sklearn.metrics import roc_auc_score
     from torchvision.transforms.v2.functional import resize
+
+    from anomalib_mdps.models.mdps.torch_model import ScoreFusion
+
+    from .selection import SelectionTerms, chosen_by_model, fixed
 
     saved = torch.load(weights, weights_only=False)
     module = datamodule(name, output)
@@ -152,6 +193,20 @@ def evaluate(name: str, weights: Path, settings: dict[str, Any], output: Path) -
     holdout = chosen_holdout(module, saved)
     model = load_denoiser(saved, settings, module, holdout)
     model.calibrate(holdout.stacked(lambda image: resize(image, list(model.full_size), antialias=True), "cpu"))
+    auto = model.score_fusion == ScoreFusion.AUTO
+    if (split == "selection" or auto) and not holdout.has_selection:
+        msg = f"{weights} was trained without selection images: delete it to retrain."
+        raise RuntimeError(msg)
+    if split == "selection" or auto:
+        start = time.perf_counter()
+        selection = SelectionTerms(model, holdout)
+        if split == "selection":
+            rule = chosen_by_model(model.top_k, (True, True, model.uses_memory)) if auto else fixed(model.fusion)
+            return {**selection.scored(rule, cross_fit=auto), "aupro": float("nan"),
+                    "seconds_per_image": (time.perf_counter() - start) / len(selection.source)}
+        # As the model chooses while it trains: on the whole selection split.
+        model.fusion.copy_(chosen_by_model(model.top_k, (True, True, model.uses_memory))(
+            selection.terms, selection.split.labels, selection.split.masks))
     scores, labels, maps, masks = [], [], [], []
     aupro = _AUPRO(fpr_limit=0.3)
     timer, evaluation_size = PerImageTimes(), None
@@ -183,60 +238,102 @@ def read_rows(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return ({}, content) if isinstance(content, list) else (content["pinned"], content["rows"])
 
 
-def write_table(records: list[dict[str, Any]], rows: list[dict[str, Any]], datasets: list[str], target: Path) -> None:
-    """The ablation as a markdown table: a line per row, image / pixel AUROC and AUPRO per dataset."""
-    by_key = {(r["row"], r["dataset"]): r for r in records}
-    header = ["setting"]
-    for name in datasets:
-        header += [f"{name} I-AUROC", f"{name} P-AUROC"] + ([] if name == "demo" else [f"{name} AUPRO"])
-    header += ["s/image"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
-    for row in rows:
-        cells, seconds = [row["name"]], []
+def write_table(
+    records: list[dict[str, Any]], rows: list[dict[str, Any]], datasets: list[str], target: Path, chosen: str | None,
+) -> None:
+    """The ablation as markdown: every row on the selection splits, then the chosen row on the test sets."""
+    def table(split: str, names: list[str], with_aupro: bool) -> list[str]:
+        by_key = {(r["row"], r["dataset"]): r for r in records if r.get("split", "test") == split}
+        header = ["setting"]
         for name in datasets:
-            record = by_key.get((row["name"], name))
-            keys = ["image_auroc", "pixel_auroc"] + ([] if name == "demo" else ["aupro"])
-            cells += [f"{record[k]:.3f}" if record else "–" for k in keys]
-            if record:
-                seconds.append(record["seconds_per_image"])
-        cells.append(f"{np.mean(seconds):.2f}" if seconds else "–")
-        lines.append("| " + " | ".join(cells) + " |")
+            header += [f"{name} I-AUROC", f"{name} P-AUROC"] + ([f"{name} AUPRO"] if with_aupro and name != "demo" else [])
+        header += ["mean I-AUROC", "s/image"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+        for row in names:
+            cells, seconds, image = [row], [], []
+            for name in datasets:
+                record = by_key.get((row, name))
+                keys = ["image_auroc", "pixel_auroc"] + (["aupro"] if with_aupro and name != "demo" else [])
+                cells += [f"{record[k]:.3f}" if record else "–" for k in keys]
+                if record:
+                    seconds.append(record["seconds_per_image"])
+                    image.append(record["image_auroc"])
+            cells.append(f"{np.mean(image):.3f}" if len(image) == len(datasets) else "–")
+            cells.append(f"{np.mean(seconds):.2f}" if seconds else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    names = [row["name"] for row in rows]
+    lines = ["Selection splits (held-out normal training images and synthetic defects; cross-fitted for rows "
+             "that choose their score fusion):", "", *table("selection", names, with_aupro=False)]
+    if chosen is not None:
+        lines += ["", f"Chosen by mean selection image AUROC: **{chosen}**. Its test sets, scored after the choice:",
+                  "", *table("test", [chosen], with_aupro=True)]
+    test_only = [name for name in names if name != chosen and any(
+        r["row"] == name and r.get("split", "test") == "test" for r in records)]
+    if test_only:
+        lines += ["", "Test sets of other rows (`--split test`: a report, not a choice):", "",
+                  *table("test", test_only, with_aupro=True)]
     target.write_text("\n".join(lines) + "\n")
+
+
+def best_row(records: list[dict[str, Any]], rows: list[dict[str, Any]], datasets: list[str]) -> str | None:
+    """The row with the best mean selection image AUROC over ``datasets`` (then pixel AUROC); None if none is complete."""
+    by_key = {(r["row"], r["dataset"]): r for r in records if r.get("split") == "selection"}
+    complete = [row["name"] for row in rows if all((row["name"], name) in by_key for name in datasets)]
+    if not complete:
+        return None
+    mean = lambda row, key: np.mean([by_key[(row, name)][key] for name in datasets])  # noqa: E731
+    return max(complete, key=lambda row: (mean(row, "image_auroc"), mean(row, "pixel_auroc")))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["bottle", "kolektor", "tire", "demo"])
-    parser.add_argument("--rows", type=Path, default=Path(__file__).with_name("mdps_ablation_pinned.json"),
+    parser.add_argument("--datasets", nargs="+", default=["bottle", "kolektor", "tire", "mpdd"])
+    parser.add_argument("--rows", type=Path, default=Path(__file__).with_name("mdps_ablation_current.json"),
                         help="JSON {pinned: settings of every row, rows: [{name, size, settings, datasets?}]}")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--train-args", type=json.loads, default={})
     parser.add_argument("--pinned-args", type=json.loads, default={},
                         help="JSON settings that replace the rows file's pinned ones (e.g. a preset's input_scale)")
+    parser.add_argument("--split", choices=("selection", "test"), default="selection",
+                        help="selection (default): score every row on the selection splits, choose, then test the "
+                        "chosen row; test: score every row's test set (a report: choose nothing from it)")
+    parser.add_argument("--weights-from", type=Path, metavar="RUNS",
+                        help="use the denoisers a cpu-profile run kept (its runs/ folder) instead of training")
     parser.add_argument("--output", type=Path, required=True, help="weights, rows.jsonl and table.md (resumable)")
     args = parser.parse_args()
     hide_library_import_warnings()
     torch.set_num_threads(2)
     args.output.mkdir(parents=True, exist_ok=True)
     results_file = args.output / "rows.jsonl"
-    done = set()
-    if results_file.exists():
-        done = {(r["row"], r["dataset"]) for r in map(json.loads, results_file.read_text().splitlines())}
+    records = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     pinned, rows = read_rows(args.rows)
     pinned = {**pinned, **args.pinned_args}
+    by_name = {row["name"]: row for row in rows}
+
+    def run(row: dict[str, Any], name: str, split: str) -> None:
+        if any((r["row"], r["dataset"], r.get("split", "test")) == (row["name"], name, split) for r in records):
+            return
+        weights = train(name, row.get("size", "64"), args.epochs, args.output, args.train_args, args.weights_from)
+        torch.manual_seed(0)
+        metrics = evaluate(name, weights, {**pinned, **row.get("settings", {})}, args.output, split)
+        record = {"row": row["name"], "dataset": name, "split": split, "size": row.get("size", "64"), **metrics}
+        print(json.dumps(record), flush=True)
+        records.append(record)
+        with results_file.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
     for row in rows:
         for name in args.datasets:
-            if (row["name"], name) in done or name not in row.get("datasets", args.datasets):
-                continue
-            weights = train(name, row.get("size", "64"), args.epochs, args.output, args.train_args)
-            torch.manual_seed(0)
-            metrics = evaluate(name, weights, {**pinned, **row.get("settings", {})}, args.output)
-            record = {"row": row["name"], "dataset": name, "size": row.get("size", "64"), **metrics}
-            print(json.dumps(record), flush=True)
-            with results_file.open("a") as file:
-                file.write(json.dumps(record) + "\n")
-    records = [json.loads(line) for line in results_file.read_text().splitlines()]
-    write_table(records, rows, args.datasets, args.output / "table.md")
+            if name in row.get("datasets", args.datasets):
+                run(row, name, args.split)
+    chosen = best_row(records, rows, args.datasets) if args.split == "selection" else None
+    if chosen is not None:
+        print(f"chosen on the selection splits: {chosen}", flush=True)
+        for name in args.datasets:
+            run(by_name[chosen], name, "test")
+    write_table(records, rows, args.datasets, args.output / "table.md", chosen)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from .timing import PerImageTimes
 # metric pitfall (see NOTES §7, where a clamped pipeline reported exactly 0.5).
 AUROC_AGREEMENT = 1e-4
 AUPRO_FPR_LIMIT = 0.3
+# The columns of Mdps's ``score_terms``: its image score from D̄ (eq. 18-19), the density and the patch memory alone.
+SCORE_TERM_NAMES = ("eq18", "density", "memory")
 
 
 class MetricMismatchError(RuntimeError):
@@ -50,6 +52,8 @@ class Measurements(Callback):
         self.labels: list[torch.Tensor] = []
         self.maps: list[torch.Tensor] = []
         self.masks: list[torch.Tensor] = []
+        # Mdps: the image score of each of its terms alone (D̄ of eq. 18-19, the feature density).
+        self.score_terms: list[torch.Tensor] = []
 
     @staticmethod
     def _synchronize(module: LightningModule) -> None:
@@ -86,6 +90,8 @@ class Measurements(Callback):
             score = torch.amax(anomaly_map, dim=tuple(range(1, anomaly_map.ndim)))
         self.pred_scores.append(score.detach().float().reshape(-1).cpu().clone())
         self.labels.append(outputs.gt_label.detach().reshape(-1).int().cpu())
+        if getattr(outputs, "score_terms", None) is not None:
+            self.score_terms.append(outputs.score_terms.detach().float().reshape(batch_size, -1).cpu().clone())
         if anomaly_map is not None and outputs.gt_mask is not None:
             mask = outputs.gt_mask.detach().reshape(batch_size, *outputs.gt_mask.shape[-2:]).bool().cpu()
             values = anomaly_map.detach().float().reshape(batch_size, 1, *anomaly_map.shape[-2:])
@@ -131,6 +137,11 @@ def raw_metrics(measured: Measurements) -> dict[str, float]:
     results = dict.fromkeys(names, float("nan"))
     if labels.unique().numel() == 2:
         results["image_AUROC"], results["image_AUROC_sklearn"] = auroc(scores, labels, "image")
+        if len(measured.score_terms) == len(measured.pred_scores):
+            terms = torch.cat(measured.score_terms)
+            for column, name in enumerate(SCORE_TERM_NAMES):
+                if terms[:, column].isfinite().all():
+                    results[f"image_AUROC_{name}"] = auroc(terms[:, column], labels, f"image ({name} alone)")[0]
     if measured.maps:
         maps, masks = torch.cat(measured.maps), torch.cat(measured.masks)
         if masks.any() and not masks.all():

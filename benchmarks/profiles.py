@@ -22,6 +22,7 @@ A profile is a YAML file in ``benchmarks/profiles/`` (or any path)::
         image_size: [64, 64]          # optional: the model's default pre-processor at this size
         empty_dirs: [dtd_dir]         # optional: init args that get a fresh, empty directory
         malloc_mmap_threshold: 131072 # optional: glibc heap setting for this model's jobs (PatchCore)
+        keep_weights: true            # optional: save the torch model's tensors as <job dir>/model.pt
         note: "..."                   # shown under the results table
       Mdps: {preset: configs/mdps_cpu.yaml}   # init args from a preset's model.init_args
     notes: ["..."]            # shown under the results table
@@ -118,6 +119,7 @@ def model_spec(name: str, entry: dict[str, Any]) -> dict[str, Any]:
         "name": name, "class_path": class_path, "init_args": init_args, "trainer": trainer, "data": data,
         "image_size": entry.get("image_size"), "empty_dirs": list(entry.get("empty_dirs") or []),
         "malloc_mmap_threshold": entry.get("malloc_mmap_threshold"), "preset": entry.get("preset"),
+        "keep_weights": bool(entry.get("keep_weights")),
     }
 
 
@@ -134,13 +136,13 @@ def dataset_spec(name: str, entry: dict[str, Any], defaults: dict[str, Any], roo
     return {"name": name, "class_path": entry["class_path"], "init_args": init_args, **limits}
 
 
-def cpu_profile_datamodule(name: str, **loader_args: Any):  # noqa: ANN201
-    """The cpu profile's dataset ``name`` as a set-up anomalib datamodule (for the scripts beside the harness)."""
+def cpu_profile_datamodule(name: str, profile_name: str = "cpu", **loader_args: Any):  # noqa: ANN201
+    """A profile's (default: cpu) dataset ``name`` as a set-up anomalib datamodule (for the scripts beside the harness)."""
     from anomalib import data
 
-    profile = load_profile("cpu")
+    profile = load_profile(profile_name)
     if name not in profile["datasets"]:
-        _fail(f"No dataset {name!r} in the cpu profile; it has {list(profile['datasets'])}.")
+        _fail(f"No dataset {name!r} in the {profile_name} profile; it has {list(profile['datasets'])}.")
     spec = dataset_spec(name, profile["datasets"][name], profile.get("data_defaults", {}))
     module = getattr(data, spec["class_path"])(**{**spec["init_args"], "num_workers": 0, **loader_args})
     module.setup()

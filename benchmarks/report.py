@@ -19,6 +19,9 @@ TABLE_COLUMNS = (
     ("model", "model", "{}"),
     ("dataset", "dataset", "{}"),
     ("image_AUROC", "image AUROC", "{:.3f}"),
+    ("image_AUROC_eq18", "image AUROC, D̄ alone", "{:.3f}"),
+    ("image_AUROC_density", "density alone", "{:.3f}"),
+    ("image_AUROC_memory", "memory alone", "{:.3f}"),
     ("pixel_AUROC", "pixel AUROC", "{:.3f}"),
     ("pixel_AUPRO", "AUPRO (FPR ≤ 0.3)", "{:.3f}"),
     ("image_F1Score", "image F1", "{:.3f}"),
@@ -34,7 +37,8 @@ these datasets is the test set: optimistic).
 - Train s: Lightning fit time minus the time spent scoring validation images (fitting a memory bank counts as \
 training). Inference: median over the test set of pre-processing + model time per image, batch 1, after warm-up \
 images. Peak RSS: the job's own process (libraries included).
-- Pixel metrics are at each model's input resolution (anomalib resizes masks with the images)."""
+- Pixel metrics are at each model's input resolution (anomalib resizes masks with the images).
+- Mdps's image score fuses D̄ (eq. 18-19, the diffusion part) with the feature density; "D̄ alone" and "density alone" score the same trained model's test images with each term on its own. The fusion is chosen while the model trains, on its selection split (held-out normal training images and synthetic defects); results.csv has the chosen shares (`fusion_*`) and what they measured there (`selection_*`)."""
 
 
 def merge_results(existing_csv: Path, new_rows: pd.DataFrame) -> pd.DataFrame:
@@ -83,6 +87,40 @@ def markdown_report(results: pd.DataFrame, profile_name: str, notes: list[str]) 
         *[f"- {note}" for note in notes],
         "",
     ])
+
+
+README_BLOCK = "<!-- benchmark table: {profile} -->", "<!-- end of benchmark table -->"
+# Models and what the README's table shows of them.
+README_MODELS = ("Mdps", "PaDiM", "PatchCore", "InvAD", "Glad", "DRAEM")
+
+
+def summary_table(results: pd.DataFrame) -> str:
+    """Image / pixel AUROC and ms per image, a row per model and a column per dataset (the README's table)."""
+    datasets = list(dict.fromkeys(results["dataset"]))
+    lines = ["| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for model in [m for m in README_MODELS if m in set(results["model"])]:
+        cells = []
+        for dataset in datasets:
+            row = results[(results["model"] == model) & (results["dataset"] == dataset)]
+            if row.empty:
+                cells.append("–")
+                continue
+            row = row.iloc[0]
+            cells.append(f"{row['image_AUROC']:.3f} / {row['pixel_AUROC']:.3f} ({row['inference_ms_per_image']:.0f} ms)")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, profile_name: str, results: pd.DataFrame) -> bool:
+    """Rewrite the README's marked block for ``profile_name`` with the summary table; False if it has none."""
+    start, end = README_BLOCK[0].format(profile=profile_name), README_BLOCK[1]
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if start not in text or end not in text.split(start, 1)[1]:
+        return False
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    readme.write_text(f"{before}{start}\n{summary_table(results)}\n{end}{after}", encoding="utf-8")
+    return True
 
 
 def plot_against_latency(results: pd.DataFrame, path: Path, title: str, metric: str = "image_AUROC") -> None:

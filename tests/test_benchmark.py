@@ -47,6 +47,14 @@ def test_smoke_profile_end_to_end(mvtec_root: Path, tmp_path: Path) -> None:
     assert (results["peak_rss_mb"] > 100).all()
     assert (results["timed_images"] > 0).all()
 
+    # Mdps's row carries its score's decomposition and the fusion it chose on its selection split.
+    mdps = results[results["model"] == "Mdps"].iloc[0]
+    for term in ("eq18", "density", "memory"):
+        assert 0 <= mdps[f"image_AUROC_{term}"] <= 1 and 0 <= mdps[f"selection_image_AUROC_{term}"] <= 1, term
+    for use in ("map", "score"):
+        assert sum(mdps[f"fusion_{use}_{term}"] for term in ("eq18", "density", "memory")) == pytest.approx(1.0)
+    assert results[results["model"] != "Mdps"]["image_AUROC_eq18"].isna().all()
+
     table = (tmp_path / RESULTS_MD).read_text(encoding="utf-8")
     for model in models:
         assert f"| {model} | bottle |" in table
@@ -229,3 +237,21 @@ def test_ablation_refuses_weights_saved_by_another_layout_of_the_model() -> None
     old_layout = {key.removeprefix("prior."): value for key, value in saved["state_dict"].items()}
     with pytest.raises(RuntimeError, match="does not fit MdpsModel"):
         load_denoiser({**saved, "state_dict": old_layout}, settings)
+
+
+def test_the_readme_block_is_rewritten_from_the_results_and_nothing_else(tmp_path: Path) -> None:
+    from benchmarks.report import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- benchmark table: cpu -->\nold table\n<!-- end of benchmark table -->\nrest\n")
+    results = pd.DataFrame([
+        {"model": "PaDiM", "dataset": "bottle", "image_AUROC": 0.9, "pixel_AUROC": 0.8, "inference_ms_per_image": 70.0},
+        {"model": "Mdps", "dataset": "tire", "image_AUROC": 0.7, "pixel_AUROC": 0.6, "inference_ms_per_image": 1500.0},
+    ])
+    assert update_readme(readme, "cpu", results)
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- benchmark table: cpu -->\n| model | bottle | tire |") and text.endswith(
+        "<!-- end of benchmark table -->\nrest\n")
+    assert "| Mdps | – | 0.700 / 0.600 (1500 ms) |" in text and "old table" not in text
+    assert not update_readme(readme, "gpu", results)  # no block for that profile: the file stays as it is
+    assert readme.read_text() == text

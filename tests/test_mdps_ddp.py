@@ -34,7 +34,10 @@ def test_ddp_training_agrees_across_ranks_and_with_a_single_process_test(mvtec_r
     assert first["ema"].keys() == second["ema"].keys()
     for name in first["ema"]:
         torch.testing.assert_close(first["ema"][name], second["ema"][name], rtol=0, atol=0, msg=name)
-    for name in ("noise", "term_scale", "normal_mask_threshold"):
+    # The feature terms and the fusion chosen on the selection split: the same on both ranks.
+    assert first["patch_memory"].numel() > 0
+    for name in ("noise", "term_scale", "normal_mask_threshold", "density_mean", "density_scale", "patch_memory",
+                 "fusion"):
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
 
     checkpoints = sorted((tmp_path / "ddp").rglob("*.ckpt"))

@@ -159,7 +159,9 @@ def test_a_model_without_normal_statistics_says_how_to_get_them() -> None:
     with pytest.raises(RuntimeError, match="calibrate"):
         model.reconstruct(_images(1))
     with pytest.raises(RuntimeError, match="calibrate"):
-        MdpsModel(**TINY_MDPS, density_weight=0.0, score_density_weight=0.0).eval().reconstruct(_images(1))
+        MdpsModel(**TINY_MDPS, density_weight=0.0, score_density_weight=0.0, score_fusion="fixed").eval().reconstruct(
+            _images(1),
+        )
 
 
 def test_held_out_calibration_images_depend_on_names_only() -> None:
@@ -167,9 +169,13 @@ def test_held_out_calibration_images_depend_on_names_only() -> None:
 
     paths = [f"/data/a/train/good/{i:03d}.png" for i in range(40)]
     moved = [p.replace("/data/a", "/elsewhere/b") for p in paths]
-    chosen = held_out_keys(paths, 8)
-    assert len(chosen) == 8 and chosen == held_out_keys(moved, 8)
-    assert len(held_out_keys(paths[:6], 8)) == 3  # at least half of a tiny set still trains
+    calibration, selection = held_out_keys(paths, 8, 6)
+    assert (calibration, selection) == held_out_keys(moved, 8, 6)
+    assert len(calibration) == 8 and len(selection) == 6 and not set(calibration) & set(selection)
+    assert held_out_keys(paths, 8)[0] == calibration  # the calibration part does not depend on the selection's size
+    # At least half of a tiny set still trains; calibration, which the model needs, comes first.
+    assert [len(part) for part in held_out_keys(paths[:6], 2, 16)] == [2, 1]
+    assert [len(part) for part in held_out_keys(paths[:6], 8, 16)] == [3, 0]
 
 
 def test_aspect_aware_size_keeps_the_short_side_and_follows_the_aspect_ratio() -> None:

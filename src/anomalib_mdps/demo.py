@@ -47,8 +47,31 @@ def main(argv: list[str] | None = None) -> int:
     ])
     metrics = {name: round(float(value), 4) for name, value in cli.engine.trainer.callback_metrics.items()}
     print("Test metrics:", metrics)
-    print(f"Heatmaps and reconstructions: {args.output.resolve()}/Mdps/MVTecAD/{args.category}/latest/images")
+    images = args.output.resolve() / "Mdps" / "MVTecAD" / args.category / "latest" / "images"
+    print(f"Heatmaps and reconstructions: {images}")
+    panels = overview_panels(images)
+    if panels is not None:
+        print(f"One panel per test folder (input | reconstruction | ground truth | heatmap | mask): {panels}")
     return 0
+
+
+def overview_panels(images: Path) -> Path | None:
+    """The first saved result image of each test folder, stacked into ``images/overview.png``."""
+    from PIL import Image
+
+    firsts = [min(folder.glob("*.png")) for folder in sorted(images.iterdir()) if folder.is_dir() and any(
+        folder.glob("*.png"))] if images.is_dir() else []
+    if not firsts:
+        return None
+    rows = [Image.open(path).convert("RGB") for path in firsts]
+    overview = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), "white")
+    top = 0
+    for row in rows:
+        overview.paste(row, (0, top))
+        top += row.height
+    target = images / "overview.png"
+    overview.save(target)
+    return target
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from .backbone import FeatureExtractor, backbone_size_for, load_efficientnet_lite
 from .feature_density import FeatureDensity
+from .patch_memory import PatchMemory
 from .ddim import ddim_inversion_step, ddim_step, predicted_clean_image
 from .denoiser import UNetDenoiser, build_unet, check_unet_input_size, unet_downsampling_factor
 from .difference import (
@@ -20,6 +21,7 @@ __all__ = [
     "FeatureDensity",
     "FeatureExtractor",
     "NoiseSchedule",
+    "PatchMemory",
     "UNetDenoiser",
     "anomaly_map_blur",
     "backbone_size_for",

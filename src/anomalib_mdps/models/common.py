@@ -110,7 +110,10 @@ class DiffusionModuleMixin:
         """A checkpoint whose weights are not this model's is refused in words, not a key dump."""
         own = {key for key in self.state_dict() if key.startswith("model.")}
         saved = {key for key in checkpoint.get("state_dict", {}) if key.startswith("model.")}
-        missing, unknown = sorted(own - saved), sorted(saved - own)
+        # Tensors the torch model fills in itself when older weights lack them (``optional_state``).
+        optional = getattr(self.model, "optional_state", dict)()
+        missing = sorted(own - saved - {f"model.{name}" for name in optional})
+        unknown = sorted(saved - own)
         if missing or unknown:
             msg = (
                 f"This checkpoint does not hold a {type(self).__name__} model like this one: {len(missing)} of its "
@@ -162,10 +165,10 @@ class DiffusionModuleMixin:
         outputs = self.score_memo.recall(self.model, batch.image)
         if outputs is None:
             return self.score_batch(batch)
-        reconstruction = outputs.pop("reconstruction", None)
+        extras = {name: outputs.pop(name) for name in ("reconstruction", "score_terms") if name in outputs}
         batch.update(**outputs)
-        if reconstruction is not None:
-            batch.reconstruction = reconstruction
+        for name, value in extras.items():
+            setattr(batch, name, value)
         return batch
 
     def on_test_end(self) -> None:

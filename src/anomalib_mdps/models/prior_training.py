@@ -30,11 +30,12 @@ class PriorTrainingMixin:
         weight_decay: float,
         optimizer: str,
         lr_schedule: str,
+        selection_images: int = 0,
     ) -> None:
         if lr_schedule not in LR_SCHEDULES:
             msg = f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}."
             raise ValueError(msg)
-        self.calibration = CalibrationHoldout(calibration_images)
+        self.calibration = CalibrationHoldout(calibration_images, selection_images)
         self.step_batch_size = step_batch_size
         # One Adam step per ``step_batch_size`` images, whatever the datamodule's batch size.
         self.automatic_optimization = False
@@ -121,7 +122,7 @@ class PriorTrainingMixin:
 
     def _calibrate_if_stale(self) -> None:
         """Normal-image statistics for the weights as they are now."""
-        if self.calibration.stale and len(self.calibration.images):
+        if self.calibration.stale and self.calibration.calibration_keys:
             self.model.calibrate(self.held_out_images(), batch_size=self.images_per_sampling_call)
         self.calibration.stale = False
 
@@ -134,10 +135,12 @@ class PriorTrainingMixin:
         """
         return max(1, self.step_batch_size // getattr(self.model, "num_samples", 1))
 
-    def held_out_images(self) -> torch.Tensor:
-        """The held-out normal images as the pre-processor hands images to the model (resized)."""
+    def held_out_images(self, part: str = "calibration") -> torch.Tensor:
+        """The held-out normal images of ``part`` (``calibration`` or ``selection``) as the
+        pre-processor hands images to the model (resized).
+        """
         transform = getattr(self.pre_processor, "transform", None) or (lambda image: image)
-        return self.calibration.stacked(transform, self.device)
+        return self.calibration.stacked(transform, self.device, part)
 
     def score_batch(self, batch: Batch) -> Batch:
         # Each image's map is independent of its batch (shared sampling noise): the split is exact.
@@ -145,6 +148,8 @@ class PriorTrainingMixin:
         output = type(parts[0])(*(torch.cat(field) for field in zip(*parts, strict=True)))
         batch.update(pred_score=output.pred_score, anomaly_map=output.anomaly_map)
         batch.reconstruction = output.reconstruction
+        if hasattr(output, "score_terms"):
+            batch.score_terms = output.score_terms
         return batch
 
     @property

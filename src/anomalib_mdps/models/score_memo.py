@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 # Fields that ``score_batch`` sets on a batch.
-SCORE_FIELDS = ("pred_score", "anomaly_map", "reconstruction")
+SCORE_FIELDS = ("pred_score", "anomaly_map", "reconstruction", "score_terms")
 
 
 def model_state(module: nn.Module) -> tuple:

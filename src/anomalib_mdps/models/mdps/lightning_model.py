@@ -14,10 +14,13 @@ from anomalib.models.components import AnomalibModule
 
 from anomalib_mdps.models.common import DiffusionModuleMixin, ScanExportMixin
 from anomalib_mdps.models.input_size import square
+from lightning.pytorch.utilities import rank_zero_info
+
 from anomalib_mdps.models.prior_training import PriorTrainingMixin
+from anomalib_mdps.selection_split import selection_split
 
 from .sampler import Guidance, GuidanceNorm, ThresholdMode
-from .torch_model import DensityStatistics, MdpsModel
+from .torch_model import DensityStatistics, MdpsModel, ScoreFusion
 
 
 
@@ -36,12 +39,17 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         calibration_images: normal training images held out of the denoiser's training (chosen
             by a hash of their file names) on which ``MdpsModel.calibrate`` measures the
             normal-image statistics before validation, test and predict.
+        selection_images: further held-out normal training images; with ``score_fusion='auto'``
+            they and copies of them with synthetic defects (``selection_split``) choose the fusion
+            of D̄ and the density (``MdpsModel.choose_fusion``), printed and saved with the weights.
+            Calibration and selection together hold out at most half of the training images.
         max_epochs: training epochs of the denoiser (carried into the trainer arguments).
         learning_rate, weight_decay: Adam settings (paper: 1e-4 and 5e-2).
         optimizer: ``adam`` (paper) or ``adamw`` (decoupled weight decay).
         lr_schedule: ``constant`` (paper) or ``cosine``: the learning rate decays to zero over the
             trainer's epochs (stepped per epoch), so that short CPU runs end on settled weights.
-        density_weight, score_density_weight, density_dims, density_statistics, input_scale: see
+        density_weight, score_density_weight, density_dims, density_statistics, input_scale, score_fusion,
+        memory_size: see
             ``MdpsModel``; the density is fit on the first training epoch's images (held-out ones
             excluded). The pre-processor resizes images to ``input_scale`` × the denoiser's size.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
@@ -81,6 +89,7 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         train_max_noise_level: int | None = 400,
         seed: int = 0,
         calibration_images: int = 16,
+        selection_images: int = 16,
         step_batch_size: int = 8,
         max_epochs: int = 20,
         learning_rate: float = 5e-4,
@@ -92,6 +101,8 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         density_dims: int = 100,
         density_statistics: str = DensityStatistics.PER_LOCATION.value,
         input_scale: int = 4,
+        score_fusion: str = ScoreFusion.AUTO.value,
+        memory_size: int = 16384,
         pre_processor: torch.nn.Module | bool = True,
         post_processor: torch.nn.Module | bool = True,
         evaluator: Any = True,  # noqa: ANN401
@@ -134,6 +145,8 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
             density_dims=density_dims,
             density_statistics=density_statistics,
             input_scale=input_scale,
+            score_fusion=score_fusion,
+            memory_size=memory_size,
         )
         super().__init__(
             # Images enter at the torch model's ``full_size`` (``input_scale`` × the denoiser's size).
@@ -146,15 +159,18 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         self.short_side = image_size if isinstance(image_size, int) else None
         self.setup_prior_training(
             calibration_images, step_batch_size, max_epochs, learning_rate, weight_decay, optimizer, lr_schedule,
+            selection_images if score_fusion == ScoreFusion.AUTO else 0,
         )
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.current_epoch == 0:
             self.model.feature_density.reset()
+            if self.model.patch_memory is not None:
+                self.model.patch_memory.reset()
 
     def training_step(self, batch: Batch, *args, **kwargs) -> None:
-        """The denoiser's Adam steps; in the first epoch also the feature density's sums."""
+        """The denoiser's Adam steps; in the first epoch also the feature density's sums and the patch memory."""
         if self.model.uses_density and self.current_epoch == 0 and not self.model.feature_density.fitted:
             self.model.accumulate_feature_density(self.calibration.split_off(batch))
         super().training_step(batch, *args, **kwargs)
@@ -166,13 +182,24 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
     def _calibrate_if_stale(self) -> None:
         # Lightning validates before ``on_train_epoch_end``: the first calibration needs the density.
         self._fit_density_if_accumulated()
+        stale = self.calibration.stale
         super()._calibrate_if_stale()
+        if stale and self.model.score_fusion == ScoreFusion.AUTO and self.calibration.has_selection:
+            split = selection_split(self.held_out_images("selection"), seed=self.model.seed)
+            choice = self.model.choose_fusion(split, batch_size=self.images_per_sampling_call)
+            normal = int((split.labels == 0).sum())
+            rank_zero_info(choice.summary(normal, len(split.labels) - normal))
 
     def _fit_density_if_accumulated(self) -> None:
         if self.model.feature_density.accumulating:
-            self.model.feature_density.fit(lambda total: self.trainer.strategy.reduce(total, reduce_op="sum"))
+            strategy = self.trainer.strategy
+            self.model.feature_density.fit(lambda total: strategy.reduce(total, reduce_op="sum"))
+            if self.model.patch_memory is not None and self.model.patch_memory.accumulating:
+                world_size = self.trainer.world_size
+                gather = strategy.all_gather if world_size > 1 else None
+                self.model.patch_memory.fit(gather, world_size)
             self.calibration.stale = True
 
     @classmethod
     def checkpoint_safe_globals(cls) -> Sequence[Any]:
-        return (Guidance, GuidanceNorm, ThresholdMode)
+        return (Guidance, GuidanceNorm, ThresholdMode, ScoreFusion)

@@ -14,6 +14,7 @@ from anomalib_mdps.components import (
     DiffusionPrior,
     FeatureDensity,
     FeatureExtractor,
+    PatchMemory,
     check_noise_level,
     perceptual_difference,
     pixel_difference,
@@ -23,7 +24,17 @@ from anomalib_mdps.components.images import as_rgb_batch, is_tracing
 from anomalib_mdps.models.input_size import track_input_size
 from anomalib_mdps.models.pixel_space import PixelSpaceModel
 
-from .anomaly_map import mean_over_samples, reconstruction_difference, weighted_terms
+from anomalib_mdps.selection_split import SelectionSplit
+
+from .anomaly_map import (
+    TERM_NAMES,
+    FusionChoice,
+    choose_fusion,
+    fused,
+    mean_over_samples,
+    reconstruction_difference,
+    weighted_terms,
+)
 from .sampler import Guidance, GuidanceNorm, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
 
 
@@ -39,6 +50,13 @@ class DensityStatistics(str, Enum):
     GLOBAL = "global"
 
 
+class ScoreFusion(str, Enum):
+    """How the image score and the map weigh D̄ (eq. 19) against the feature density."""
+
+    AUTO = "auto"  # chosen at fit time on the selection split (``choose_fusion``)
+    FIXED = "fixed"  # ``density_weight`` and ``score_density_weight`` as given
+
+
 class MdpsOutput(NamedTuple):
     """Everything one MDPS scoring run produces, per input image."""
 
@@ -46,6 +64,24 @@ class MdpsOutput(NamedTuple):
     anomaly_map: torch.Tensor  # (B, 1, H, W) at the input's size: D̄ of the final pass, blurred (+ the density)
     reconstruction: torch.Tensor  # (B, 3, h, w) in [0, 1] at image_size, first posterior sample of the final pass
     mask: torch.Tensor  # (B, 1, h, w) at image_size, m of the final pass (all ones without the mask pass)
+    # (B, 3): the image score (top-S mean) of D̄ alone (eq. 18-19), of the density alone and of the patch
+    # memory's distance alone (NaN for a term the model does not compute)
+    score_terms: torch.Tensor
+
+
+class MdpsTerms(NamedTuple):
+    """The two maps an Mdps score is made of, at the denoiser's size, before they are fused."""
+
+    difference: torch.Tensor  # (B, 1, h, w): D̄ of the final pass, blurred
+    density: torch.Tensor | None  # (B, 1, h, w): the standardised density, blurred; None without it
+    memory: torch.Tensor | None  # (B, 1, h, w): the standardised patch-memory distance, blurred; None without it
+    reconstruction: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def maps(self) -> list[torch.Tensor | None]:
+        """The terms in ``TERM_NAMES`` order."""
+        return [self.difference, self.density, self.memory]
 
 
 class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
@@ -110,6 +146,15 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
             them box-filtered down to ``image_size``; the feature density sees them as they came,
             so it keeps the detail the denoiser's resolution drops (a small dark defect on a tyre
             at 64 px). 1: images enter at the denoiser's size, as the paper.
+        score_fusion: ``auto``: the map and the image score are each a weighted mean of D̄, the
+            density and the patch memory's distance, with weights chosen by ``choose_fusion`` on the
+            selection split (held-out normal training images and synthetic defects) while the model
+            trains, and saved with it; until then, and with ``fixed``, D̄ + ``density_weight``·density
+            (map) and D̄ + ``score_density_weight``·density (score).
+        memory_size: normal training patches in the patch memory (``score_fusion='auto'`` only; 0:
+            none). Its term, not in MDPS, is each patch's distance to the nearest normal patch from
+            anywhere in the training images (PatchCore's idea), for parts that do not sit in the
+            same place in every image, where a per-location Gaussian fails.
     """
 
     def __init__(
@@ -150,6 +195,8 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         density_dims: int = 100,
         density_statistics: DensityStatistics | str = DensityStatistics.PER_LOCATION,
         input_scale: int = 4,
+        score_fusion: ScoreFusion | str = ScoreFusion.AUTO,
+        memory_size: int = 16384,
     ) -> None:
         super().__init__()
         if input_scale < 1:
@@ -192,6 +239,7 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         self.density_weight = density_weight
         self.score_density_weight = score_density_weight
         self.density_statistics = DensityStatistics(density_statistics)
+        self.score_fusion = ScoreFusion(score_fusion)
 
         self.prior = DiffusionPrior(
             image_size, 3, unet_channels, layers_per_block, attention_levels,
@@ -199,6 +247,8 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         )
         self.feature_extractor = FeatureExtractor(backbone, feature_layers)
         self.feature_density = FeatureDensity(sum(self.feature_extractor.channels), density_dims, seed)
+        use_memory = self.score_fusion == ScoreFusion.AUTO and memory_size > 0
+        self.patch_memory = PatchMemory(memory_size, seed) if use_memory else None
         self.register_buffer("sampling_noise", torch.empty(0), persistent=False)
         track_input_size(self)
         self.set_image_size(image_size)
@@ -206,8 +256,49 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         self.register_buffer("term_scale", torch.ones(2))  # spread of the pixel and perceptual terms
         # Mean and spread of the density term: (2,), or (2, h, w) per location (``density_statistics``).
         self.register_buffer("density_scale", torch.tensor([0.0, 1.0]))
+        self.register_buffer("memory_scale", torch.tensor([0.0, 1.0]))  # mean and spread of the memory's distance
         self.register_buffer("normal_mask_threshold", torch.tensor(float("inf")))
         self.register_buffer("calibrated", torch.tensor(False))
+        # Weights of D̄, the density and the memory in the map (row 0) and the image score (row 1).
+        self.register_buffer("fusion", self.fixed_fusion())
+        # What ``choose_fusion`` measured on the selection split (NaN until it ran): image (row 0) and
+        # pixel (row 1) AUROC of each term alone, then of the chosen mix.
+        self.register_buffer("selection_metrics", torch.full((2, len(TERM_NAMES) + 1), float("nan")))
+
+    def fusion_report(self) -> dict[str, float]:
+        """The fusion weights in use and what ``choose_fusion`` measured on the selection split."""
+        report = {}
+        for row, use in enumerate(("map", "score")):
+            report |= {f"fusion_{use}_{name}": float(w) for name, w in zip(TERM_NAMES, self.fusion[row], strict=True)}
+        for row, level in enumerate(("image", "pixel")):
+            for name, value in zip((*TERM_NAMES, "fused"), self.selection_metrics[row], strict=True):
+                report[f"selection_{level}_AUROC_{name}"] = float(value)
+        return report
+
+    def optional_state(self) -> dict[str, torch.Tensor]:
+        """Tensors that weights saved before the fusion was chosen at fit time lack, as they scored then:
+        the fixed weights, no selection metrics, an empty patch memory.
+        """
+        state = {
+            "fusion": self.fixed_fusion().to(self.fusion.device),
+            "selection_metrics": torch.full_like(self.selection_metrics, float("nan")),
+            "memory_scale": torch.tensor([0.0, 1.0], device=self.memory_scale.device),
+        }
+        if self.patch_memory is not None:
+            state["patch_memory.memory"] = self.patch_memory.memory[:0]
+        return state
+
+    def fixed_fusion(self) -> torch.Tensor:
+        """The (2, 2) coefficients of ``score_fusion='fixed'``: D̄ + ``density_weight``·density (map),
+        D̄ + ``score_density_weight``·density (score).
+        """
+        return torch.tensor([[1.0, self.density_weight, 0.0], [1.0, self.score_density_weight, 0.0]])
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        # Weights saved before the fusion was chosen at fit time carry the fixed weights they scored with.
+        for name, value in self.optional_state().items():
+            state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ----------------------------------------------------------------- training
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -220,20 +311,27 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
 
     @torch.no_grad()
     def accumulate_feature_density(self, images: torch.Tensor) -> None:
-        """Add normal training images in [0, 1] to the sums of the feature density (see ``fit_feature_density``)."""
+        """Add normal training images in [0, 1] to the sums of the feature density and to the patch
+        memory's collection (see ``fit_feature_density``).
+        """
         if len(images):
             _, full = self._checked(images)
-            self.feature_density.accumulate(self.feature_density.embedding(self.features(full)))
+            embedding = self.feature_density.embedding(self.features(full))
+            self.feature_density.accumulate(embedding)
+            if self.patch_memory is not None:
+                self.patch_memory.accumulate(embedding)
 
     @torch.no_grad()
     def fit_feature_density(self, normal_images: torch.Tensor | None = None, batch_size: int = 8) -> None:
-        """Fit the per-location Gaussian of ``density_weight`` on normal training images (those passed
-        here and any accumulated before); the backbone is frozen, so one pass suffices.
+        """Fit the per-location Gaussian and draw the patch memory from normal training images (those
+        passed here and any accumulated before); the backbone is frozen, so one pass suffices.
         """
         if normal_images is not None:
             for chunk in normal_images.split(batch_size):
                 self.accumulate_feature_density(chunk)
         self.feature_density.fit()
+        if self.patch_memory is not None:
+            self.patch_memory.fit()
 
     # ---------------------------------------------------------------- inference
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -243,6 +341,22 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> MdpsOutput:
         """Score images in [0, 1]: two MDPS passes (m = 1, then m of eq. 20), maps and scores."""
+        _, full = self._checked(images)
+        terms = self.terms(images)
+        nan = torch.full_like(terms.difference[:, 0, 0, 0], float("nan"))
+        return MdpsOutput(
+            pred_score=top_k_mean_score(fused(terms.maps, self.fusion[1]), self.top_k),
+            anomaly_map=self._at_input_size(fused(terms.maps, self.fusion[0]), full),
+            reconstruction=terms.reconstruction,
+            mask=terms.mask,
+            score_terms=torch.stack(
+                [nan if term is None else top_k_mean_score(term, self.top_k) for term in terms.maps], dim=1,
+            ),
+        )
+
+    @torch.no_grad()
+    def terms(self, images: torch.Tensor) -> MdpsTerms:
+        """D̄ of the final pass (eqs. 18-19), the density and the memory, at the denoiser's size, unfused."""
         images, full = self._checked(images)
         self._check_calibrated()
         y, noise, features_y, samples = self._first_pass(images)
@@ -258,18 +372,26 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
             difference = self.difference_map(samples, images, features_y)
         else:
             mask = mask[:: self.num_samples]
-        score_map = anomaly_map = difference
-        if self.uses_density:
-            density = self.density_map(full, images.shape[-2:])
-            anomaly_map = difference + self.density_weight * density
-            score_map = difference + self.score_density_weight * density
-        reconstruction = samples[:: self.num_samples]
-        return MdpsOutput(
-            pred_score=top_k_mean_score(score_map, self.top_k),
-            anomaly_map=self._at_input_size(anomaly_map, full),
-            reconstruction=reconstruction,
-            mask=mask,
-        )
+        density, memory = self.feature_maps(full, images.shape[-2:])
+        return MdpsTerms(difference, density, memory, samples[:: self.num_samples], mask)
+
+    @torch.no_grad()
+    def choose_fusion(self, split: SelectionSplit, batch_size: int = 8) -> FusionChoice:
+        """Set ``fusion`` from the selection split: the weights of D̄, the density and the memory in
+        the map and in the image score that separate its synthetic defects best (``choose_fusion`` of
+        ``anomaly_map``). Needs the normal-image statistics (``calibrate``) first.
+        """
+        if not self.uses_density:
+            msg = "score_fusion='auto' needs the feature density; it is off (fixed fusion with both weights 0)."
+            raise RuntimeError(msg)
+        maps: list[list[torch.Tensor | None]] = []
+        for chunk in split.images.split(batch_size):
+            maps.append(self.terms(chunk).maps)
+        terms = [None if parts[0] is None else torch.cat(parts) for parts in zip(*maps, strict=True)]
+        choice = choose_fusion(terms, split.labels, split.masks, self.top_k)
+        self.fusion.copy_(choice.coefficients.to(self.fusion))
+        self.selection_metrics.copy_(choice.metrics.to(self.selection_metrics))
+        return choice
 
     @torch.no_grad()
     def calibrate(self, normal_images: torch.Tensor, batch_size: int = 8) -> None:
@@ -284,12 +406,15 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         images enter: nothing of the test set.
         """
         self._check_density_fitted()
-        pixel, perceptual, density = [], [], []
+        pixel, perceptual, density, memory = [], [], [], []
         for full_chunk in normal_images.split(batch_size):
             chunk, full_chunk = self._checked(full_chunk)
             _, _, features_y, samples = self._first_pass(chunk)
-            if self.uses_density:
-                density.append(self._density_distance(full_chunk, chunk.shape[-2:]))
+            distances = self._feature_distances(full_chunk, chunk.shape[-2:])
+            if distances[0] is not None:
+                density.append(distances[0])
+            if distances[1] is not None:
+                memory.append(distances[1])
             pixel.append(pixel_difference(samples, chunk.repeat_interleave(self.num_samples, dim=0)))
             perceptual.append(
                 perceptual_difference(self.features(samples), features_y, tuple(chunk.shape[-2:]), self.feature_pool_size),
@@ -298,6 +423,9 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         self.term_scale.copy_(torch.stack([pixel.std(), perceptual.std()]).clamp(min=1e-6))
         if density:
             self.density_scale = normal_density_statistics(torch.cat(density), self.density_statistics)
+        if memory:
+            # One mean and spread for the whole map: the memory's distance does not depend on where a patch is.
+            self.memory_scale.copy_(normal_density_statistics(torch.cat(memory), DensityStatistics.GLOBAL))
         self.calibrated.fill_(True)
         difference = self._smoothed_mean(weighted_terms(pixel, perceptual, self.pixel_weight, self._term_scale()))
         self.normal_mask_threshold.copy_(_quantile(difference.flatten(), self.mask_quantile))
@@ -314,13 +442,45 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
 
     @property
     def uses_density(self) -> bool:
-        """Whether the map or the image score adds the feature density (not in MDPS)."""
-        return self.density_weight > 0 or self.score_density_weight > 0
+        """Whether the map or the image score may add the feature density (not in MDPS)."""
+        return self.score_fusion == ScoreFusion.AUTO or self.density_weight > 0 or self.score_density_weight > 0
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the model has a patch memory to score with (weights saved before it existed have none)."""
+        return self.patch_memory is not None and self.patch_memory.fitted
+
+    def _feature_distances(
+        self, full_images: torch.Tensor, size: Sequence[int],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The Mahalanobis distances of the input's features (as it entered) to the per-location Gaussian,
+        and their distances to the nearest normal patch in the memory, at the denoiser's ``size``;
+        None for a term the model does not use. One backbone pass serves both.
+        """
+        if not self.uses_density:
+            return None, None
+        embedding = self.feature_density.embedding(self.features(full_images))
+        resized = lambda distance: F.interpolate(distance, size=tuple(size), mode="bilinear", align_corners=False)  # noqa: E731
+        density = resized(self.feature_density.distance(embedding))
+        return density, resized(self.patch_memory.distance(embedding)) if self.uses_memory else None
 
     def _density_distance(self, full_images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Mahalanobis distances of the features of images as they entered, at the denoiser's ``size``."""
         distance = self.feature_density.distance(self.feature_density.embedding(self.features(full_images)))
         return F.interpolate(distance, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def feature_maps(
+        self, full_images: torch.Tensor, size: Sequence[int],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The density and the memory terms (not in MDPS), each standardised by its normal-image mean and
+        spread and smoothed; None for a term the model does not use.
+        """
+        density, memory = self._feature_distances(full_images, size)
+        if density is not None:
+            density = self.blur((density - self.density_scale[0]) / self.density_scale[1])
+        if memory is not None:
+            memory = self.blur((memory - self.memory_scale[0]) / self.memory_scale[1])
+        return density, memory
 
     def density_map(self, full_images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The density term (not in MDPS), standardised by its normal-image mean and spread, smoothed."""
@@ -330,9 +490,10 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
     def _check_density_fitted(self) -> None:
         if self.uses_density and not is_tracing() and not self.feature_density.fitted:
             msg = (
-                "This Mdps model has no normal feature density (density_weight or score_density_weight "
-                "> 0). Train it with the Lightning module (it fits the density in the first epoch), call "
-                "MdpsModel.fit_feature_density(normal_training_images), or set both weights to 0."
+                "This Mdps model has no normal feature density (score_fusion 'auto', or density_weight or "
+                "score_density_weight > 0). Train it with the Lightning module (it fits the density in the first "
+                "epoch), call MdpsModel.fit_feature_density(normal_training_images), or set score_fusion='fixed' "
+                "and both weights to 0."
             )
             raise RuntimeError(msg)
 
