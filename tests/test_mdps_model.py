@@ -270,7 +270,8 @@ def test_evaluation_batches_are_sampled_in_chunks_that_score_like_the_whole_batc
 
     settings = {k: v for k, v in TINY_MDPS.items() if k != "image_size"}
     module = Mdps(image_size=32, **settings, standardize=False, threshold_mode="per_image", density_weight=0.0,
-                  score_density_weight=0.0, step_batch_size=4, evaluator=False, visualizer=False).eval()
+                  score_density_weight=0.0, score_fusion="fixed", step_batch_size=4, evaluator=False,
+                  visualizer=False).eval()
     images = _images(5)
     whole = module.model.reconstruct(images)
     sampled_together = []
