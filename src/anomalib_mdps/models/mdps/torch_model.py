@@ -341,12 +341,11 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> MdpsOutput:
         """Score images in [0, 1]: two MDPS passes (m = 1, then m of eq. 20), maps and scores."""
-        _, full = self._checked(images)
         terms = self.terms(images)
         nan = torch.full_like(terms.difference[:, 0, 0, 0], float("nan"))
         return MdpsOutput(
             pred_score=top_k_mean_score(fused(terms.maps, self.fusion[1]), self.top_k),
-            anomaly_map=self._at_input_size(fused(terms.maps, self.fusion[0]), full),
+            anomaly_map=self._at_input_size(fused(terms.maps, self.fusion[0]), images),
             reconstruction=terms.reconstruction,
             mask=terms.mask,
             score_terms=torch.stack(
@@ -466,8 +465,7 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
 
     def _density_distance(self, full_images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Mahalanobis distances of the features of images as they entered, at the denoiser's ``size``."""
-        distance = self.feature_density.distance(self.feature_density.embedding(self.features(full_images)))
-        return F.interpolate(distance, size=tuple(size), mode="bilinear", align_corners=False)
+        return self._feature_distances(full_images, size)[0]
 
     def feature_maps(
         self, full_images: torch.Tensor, size: Sequence[int],
@@ -484,8 +482,7 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
 
     def density_map(self, full_images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The density term (not in MDPS), standardised by its normal-image mean and spread, smoothed."""
-        distance = self._density_distance(full_images, size)
-        return self.blur((distance - self.density_scale[0]) / self.density_scale[1])
+        return self.feature_maps(full_images, size)[0]
 
     def _check_density_fitted(self) -> None:
         if self.uses_density and not is_tracing() and not self.feature_density.fitted:
