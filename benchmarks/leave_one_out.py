@@ -77,15 +77,15 @@ def rule_of(candidate: str, top_k: int):  # noqa: ANN201
     return (chosen_by_model(top_k, spec), True) if kind == "auto" else (fixed(spec), False)
 
 
-def selection_scores(model, holdout) -> tuple[dict[str, dict], object]:  # noqa: ANN001
+def selection_scores(model, holdout, cache: Path) -> tuple[dict[str, dict], object]:  # noqa: ANN001
     """Every candidate on the dataset's selection split; auto candidates by two-fold cross-fitting."""
     from .selection import SelectionTerms
 
-    selection = SelectionTerms(model, holdout)
+    selection = SelectionTerms(model, holdout, cache=cache)
     return {candidate: selection.scored(*rule_of(candidate, model.top_k)) for candidate in CANDIDATES}, selection
 
 
-def test_scores(candidate: str, model, module, selection) -> dict:  # noqa: ANN001
+def test_scores(candidate: str, model, module, selection, cache: Path) -> dict:  # noqa: ANN001
     """The left-out dataset's test set scored with ``candidate`` (weights chosen on the whole selection split)."""
     from torchvision.transforms.v2.functional import resize
 
@@ -98,7 +98,8 @@ def test_scores(candidate: str, model, module, selection) -> dict:  # noqa: ANN0
         images.append(resize(batch.image, list(model.full_size), antialias=True))
         labels.append(batch.gt_label)
         masks.append(F.interpolate(batch.gt_mask.float().unsqueeze(1), size=model.full_size, mode="nearest"))
-    return metrics(terms_of(model, torch.cat(images)), weights, torch.cat(labels), torch.cat(masks), model.top_k)
+    test_terms = terms_of(model, torch.cat(images), cache=cache)
+    return metrics(test_terms, weights, torch.cat(labels), torch.cat(masks), model.top_k)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     selection, terms, trained = {}, {}, {}
     for dataset in args.datasets:
         trained[dataset] = trained_model(dataset, args.results / "runs", args.profile)
-        selection[dataset], terms[dataset] = selection_scores(trained[dataset][0], trained[dataset][2])
+        cache = args.results / "runs" / f"Mdps-{dataset}"
+        selection[dataset], terms[dataset] = selection_scores(trained[dataset][0], trained[dataset][2], cache)
         print(dataset, json.dumps(selection[dataset]), flush=True)
     profile = pd.read_csv(args.results / "results.csv")
     rows = []
@@ -123,15 +125,12 @@ def main(argv: list[str] | None = None) -> None:
                        sum(selection[d][c]["pixel_auroc"] for d in others) / len(others)) for c in CANDIDATES}
         chosen = max(CANDIDATES, key=lambda c: ranking[c])
         model, module, _ = trained[left_out]
-        if chosen == DEFAULT:  # the profile's own Mdps row is this candidate's test result
-            mdps = profile[(profile.model == "Mdps") & (profile.dataset == left_out)].iloc[0]
-            test = {"image_auroc": mdps.image_AUROC, "pixel_auroc": mdps.pixel_AUROC, "source": "profile row"}
-        else:
-            test = {**test_scores(chosen, model, module, terms[left_out]), "source": "scored here"}
+        cache = args.results / "runs" / f"Mdps-{left_out}"
+        test = {c: test_scores(c, model, module, terms[left_out], cache) for c in dict.fromkeys((chosen, DEFAULT))}
         baselines = {m: profile[(profile.model == m) & (profile.dataset == left_out)].iloc[0]
                      for m in ("PaDiM", "PatchCore")}
         rows.append((left_out, chosen, ranking[chosen], test, baselines))
-        print(left_out, chosen, test, flush=True)
+        print(left_out, chosen, json.dumps(test), flush=True)
     write_report(args.results / "leave_one_out.md", args.datasets, selection, rows)
 
 
@@ -155,16 +154,17 @@ def write_report(target: Path, datasets: list[str], selection: dict, rows: list)
         lines.append(f"| {candidate} | " + " | ".join(cells) + f" | {mean_image:.3f} / {mean_pixel:.3f} |")
     lines += [
         "\n## Each dataset left out: the candidate chosen on the others' selection splits, then its test set\n",
-        "| left out | chosen (mean selection image / pixel AUROC on the others) | Mdps test image / pixel AUROC "
-        "| PaDiM | PatchCore |",
-        "|---|---|---:|---:|---:|",
+        "| left out | chosen (mean selection image / pixel AUROC on the others) | Mdps, chosen: test image / pixel "
+        "AUROC | Mdps, default | PaDiM | PatchCore |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for left_out, chosen, (image, pixel), test, baselines in rows:
         base = {m: f"{b.image_AUROC:.3f} / {b.pixel_AUROC:.3f}" for m, b in baselines.items()}
-        lines.append(f"| {left_out} | {chosen} ({image:.3f} / {pixel:.3f}) | {test['image_auroc']:.3f} / "
-                     f"{test['pixel_auroc']:.3f} ({test['source']}) | {base['PaDiM']} | {base['PatchCore']} |")
-    lines.append("\nTest AUROCs are on raw scores (scikit-learn), PaDiM and PatchCore from the same profile run. A "
-                 "profile row's pixel AUROC is at the model's input size; one scored here is at the denoiser's.")
+        scored = {c: f"{t['image_auroc']:.3f} / {t['pixel_auroc']:.3f}" for c, t in test.items()}
+        lines.append(f"| {left_out} | {chosen} ({image:.3f} / {pixel:.3f}) | {scored[chosen]} | {scored[DEFAULT]} | "
+                     f"{base['PaDiM']} | {base['PatchCore']} |")
+    lines.append("\nTest AUROCs are on raw scores (scikit-learn). Mdps's are scored here on the profile run's weights, "
+                 "its pixel AUROC at the size its terms are computed at; PaDiM's and PatchCore's are that run's rows.")
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

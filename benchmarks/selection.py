@@ -8,7 +8,9 @@ chosen on half of the source images (each normal image with its defective copies
 other half, and the two halves averaged.
 """
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,14 +24,14 @@ WeightRule = Callable[[list, torch.Tensor, torch.Tensor], torch.Tensor]
 class SelectionTerms:
     """A model's three terms on the selection split of its held-out images, computed once."""
 
-    def __init__(self, model: Any, holdout: Any, batch_size: int = 2) -> None:  # noqa: ANN401
+    def __init__(self, model: Any, holdout: Any, batch_size: int = 2, cache: Path | None = None) -> None:  # noqa: ANN401
         from torchvision.transforms.v2.functional import resize
 
         from anomalib_mdps.selection_split import DEFECTS_PER_IMAGE, selection_split
 
         normal = holdout.stacked(lambda image: resize(image, list(model.full_size), antialias=True), "cpu", "selection")
         self.split = selection_split(normal, seed=model.seed)
-        self.terms = terms_of(model, self.split.images, batch_size)
+        self.terms = terms_of(model, self.split.images, batch_size, cache)
         self.top_k = model.top_k
         # The source image of each split image: the normals first, then DEFECTS_PER_IMAGE copies of each.
         count = torch.arange(len(normal))
@@ -52,10 +54,29 @@ class SelectionTerms:
 
 
 @torch.no_grad()
-def terms_of(model: Any, images: torch.Tensor, batch_size: int = 2) -> list[torch.Tensor | None]:  # noqa: ANN401
-    """D̄, density and memory maps of ``images`` (None for a term the model does not compute)."""
+def terms_of(
+    model: Any, images: torch.Tensor, batch_size: int = 2, cache: Path | None = None,  # noqa: ANN401
+) -> list[torch.Tensor | None]:
+    """D̄, density and memory maps of ``images`` (None for a term the model does not compute).
+
+    With ``cache`` (a folder), the maps are kept there under a digest of the images and of every
+    tensor of the model, so a rerun on the same weights and images reads them instead of sampling.
+    """
+    target = None
+    if cache is not None:
+        digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        target = cache / f"terms-{digest.hexdigest()[:20]}.pt"
+        if target.is_file():
+            return torch.load(target)
     parts = [model.terms(chunk).maps for chunk in images.split(batch_size)]
-    return [None if group[0] is None else torch.cat(group) for group in zip(*parts, strict=True)]
+    terms = [None if group[0] is None else torch.cat(group) for group in zip(*parts, strict=True)]
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(terms, target)
+    return terms
 
 
 def metrics(terms: list, weights: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, top_k: int) -> dict:

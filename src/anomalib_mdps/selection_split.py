@@ -20,6 +20,9 @@ import torch
 
 DEFECT_KINDS = ("scratch", "spot", "missing_piece", "contamination", "perlin")
 DEFECTS_PER_IMAGE = 2
+# Opacity of a defect, drawn uniformly per defect: faint ones too, so that the split ranks terms by how
+# early they see a defect instead of saturating (every term scoring 1.0) on bold ones.
+DEFECT_STRENGTH = (0.25, 1.0)
 # Colours of the drawn defects (RGB in [0, 1]); on grayscale images their luminance is drawn.
 LIGHT_SCRATCH, DARK_SCRATCH = (0.80, 0.81, 0.84), (0.18, 0.18, 0.20)
 DARK_SPOT = (0.16, 0.13, 0.10)
@@ -54,16 +57,18 @@ def synthetic_defect(image: torch.Tensor, kind: str, generator: torch.Generator)
     if kind not in DEFECT_KINDS:
         msg = f"Unknown defect kind {kind!r}; choose one of {DEFECT_KINDS}."
         raise ValueError(msg)
+    strength = _uniform(generator, *DEFECT_STRENGTH)
     if kind == "perlin":
-        defective, alpha = _perlin(image, generator)
+        defective, coverage = _perlin(image, generator, strength)
     else:
-        alpha, paint = _DRAWN[kind](image, generator)
+        coverage, paint = _DRAWN[kind](image, generator)
+        alpha = coverage * strength
         defective = image * (1 - alpha) + paint * alpha
     if _is_gray(image):
         defective = defective.mean(dim=0, keepdim=True).expand_as(image)
-    mask = (alpha > 0.5).float()
-    if not mask.any():  # a defect that fell below half strength everywhere: mark its strongest pixels
-        mask = (alpha >= alpha.max() * 0.5).float() * (alpha.max() > 0)
+    mask = (coverage > 0.5).float()
+    if not mask.any():  # a defect thinner than half a pixel everywhere: mark its strongest pixels
+        mask = (coverage >= coverage.max() * 0.5).float() * (coverage.max() > 0)
     return defective.clamp(0, 1), mask
 
 
@@ -123,14 +128,14 @@ def _scratch(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Ten
     ys = y0 + math.sin(angle) * length * t + math.cos(angle) * bend * torch.sin(math.pi * t)
     alpha = _polyline_alpha(torch.stack([xs, ys], dim=1), max(1.5, _uniform(generator, 0.01, 0.025) * short), *size)
     colour = LIGHT_SCRATCH if _uniform(generator, 0, 1) < 0.5 else DARK_SCRATCH
-    return alpha * _uniform(generator, 0.7, 1.0), _colour(colour, image)
+    return alpha, _colour(colour, image)
 
 
 def _spot(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     size = tuple(image.shape[-2:])
     radius = _uniform(generator, 0.025, 0.06) * min(size)
     alpha = _blob_alpha(_point(generator, size, 0.1), radius, generator, size)
-    return alpha * _uniform(generator, 0.75, 1.0), _colour(DARK_SPOT, image)
+    return alpha, _colour(DARK_SPOT, image)
 
 
 def _missing_piece(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,19 +161,19 @@ def _contamination(image: torch.Tensor, generator: torch.Generator) -> tuple[tor
         alpha = _polyline_alpha(torch.stack([xs, ys], dim=1), max(1.5, _uniform(generator, 0.008, 0.02) * short), *size)
     else:
         alpha = _blob_alpha((x0, y0), _uniform(generator, 0.04, 0.08) * short, generator, size, elongation=1.6)
-    return alpha * _uniform(generator, 0.6, 0.9), _colour(colour, image)
+    return alpha, _colour(colour, image)
 
 
 _DRAWN = {"scratch": _scratch, "spot": _spot, "missing_piece": _missing_piece, "contamination": _contamination}
 
 
-def _perlin(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """anomalib's Perlin anomaly (noise texture, augmented and blended), under a seed of its own."""
+def _perlin(image: torch.Tensor, generator: torch.Generator, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """anomalib's Perlin anomaly (noise texture, augmented and blended at ``strength``), under a seed of its own."""
     from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 
     seed = int(torch.randint(2**31 - 1, (), generator=generator))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        perlin = PerlinAnomalyGenerator(probability=1.0, blend_factor=(0.5, 1.0))
+        perlin = PerlinAnomalyGenerator(probability=1.0, blend_factor=strength)
         defective, mask = perlin(image.float())
     return defective.to(image.dtype), mask.to(image.dtype)
