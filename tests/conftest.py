@@ -25,9 +25,14 @@ TINY_MDPS = {
 
 @pytest.fixture(scope="session")
 def mvtec_root() -> Path:
+    """MVTec AD's root in the real data beside the repository: skipped where it is absent, an error under CI."""
     root = SHARED_DATA / "mvtec_ad"
     if not (root / "bottle" / "train").is_dir():
-        pytest.fail(f"MVTec bottle data not found under {root}: put ../shared/data beside the repository.")
+        reason = (f"real data not found: no MVTec AD bottle under {root} (put the shared data folder beside the "
+                  "repository, or point ANOMALIB_MDPS_DATA at it)")
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(reason + "; CI must have it")
+        pytest.skip(reason)
     return root
 
 

@@ -9,9 +9,10 @@ from anomalib.cli import AnomalibCLI
 from PIL import Image
 
 from anomalib_mdps.data_checks import DatasetNotFoundError, UnreadableImageError
-from conftest import REPO_ROOT, cli_metrics
+from anomalib_mdps.presets import preset_path
+from conftest import cli_metrics
 
-SMOKE = str(REPO_ROOT / "configs" / "mdps_smoke.yaml")
+SMOKE = str(preset_path("mdps_smoke"))
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 

@@ -12,8 +12,8 @@ from anomalib_mdps.components import NoiseSchedule, ddim_inversion_step, ddim_st
 from anomalib_mdps.models.invad import InvADModel
 from anomalib_mdps.models.invad.anomaly_map import gaussian_negative_log_likelihood, latent_norm_map, spatial_score
 from anomalib_mdps.models.invad.torch_model import ddim_inversion
+from anomalib_mdps.presets import preset_path
 from conftest import (
-    REPO_ROOT,
     assert_export_parity,
     cli_metrics,
     numpy_outputs,
@@ -21,7 +21,7 @@ from conftest import (
     openvino_f32_outputs,
 )
 
-SMOKE = str(REPO_ROOT / "configs" / "invad_smoke.yaml")
+SMOKE = str(preset_path("invad_smoke"))
 TINY_INVAD = {"image_size": (64, 64), "denoiser_channels": (32, 64), "noise_level": 1000, "num_steps": 2}
 
 

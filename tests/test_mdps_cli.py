@@ -11,9 +11,10 @@ import torch
 from anomalib.cli import AnomalibCLI
 from PIL import Image
 
-from conftest import REPO_ROOT, assert_export_parity, cli_metrics, numpy_outputs
+from anomalib_mdps.presets import preset_path
+from conftest import assert_export_parity, cli_metrics, numpy_outputs
 
-SMOKE = str(REPO_ROOT / "configs" / "mdps_smoke.yaml")
+SMOKE = str(preset_path("mdps_smoke"))
 # The smoke preset (6 epochs at 32 px) scored image / pixel AUROC 0.929 / 0.802 on bottle here; the
 # floors leave a margin for other CPUs' rounding and sit far above an inverted map or a constant score.
 SMOKE_FLOORS = {"image_AUROC": 0.8, "pixel_AUROC": 0.7}

@@ -9,9 +9,10 @@ import pytest
 import torch
 from anomalib.cli import AnomalibCLI
 
-from conftest import REPO_ROOT, cli_metrics
+from anomalib_mdps.presets import preset_path
+from conftest import cli_metrics
 
-SMOKE = str(REPO_ROOT / "configs" / "mdps_smoke.yaml")
+SMOKE = str(preset_path("mdps_smoke"))
 METRICS = ("image_AUROC", "pixel_AUROC")
 
 

@@ -11,22 +11,24 @@ from pathlib import Path
 
 from anomalib_mdps.console import hide_library_import_warnings
 from anomalib_mdps.demo_data import make_demo_dataset
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from anomalib_mdps.presets import preset_path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anomalib-mdps-demo", description=__doc__)
     parser.add_argument("--root", type=Path, help="MVTec-style dataset root (default: make a synthetic one)")
     parser.add_argument("--category", default="demo")
-    parser.add_argument("--config", type=Path, default=REPO_CONFIGS / "mdps_demo.yaml", help="model preset")
+    parser.add_argument("--config", default="mdps_demo",
+                        help="model preset: a shipped one by name (python -m anomalib_mdps.presets lists them) or a path")
     parser.add_argument("--output", type=Path, default=Path("results"), help="where runs, heatmaps and weights go")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hide_library_import_warnings()
-    if not args.config.is_file():
-        parser.error(f"preset {args.config} not found; pass --config configs/<preset>.yaml from the repository.")
+    try:
+        config = preset_path(args.config)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     root = args.root
     if root is None:
         root = make_demo_dataset(args.output / "demo_data")
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cli = AnomalibCLI([
         "train",
-        "--config", str(args.config),
+        "--config", str(config),
         "--data", "anomalib.data.MVTecAD",
         "--data.root", str(root),
         "--data.category", args.category,
