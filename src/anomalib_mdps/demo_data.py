@@ -1,4 +1,4 @@
-"""A small synthetic inspection dataset in MVTec AD layout, made on the spot (no download).
+"""A small synthetic inspection dataset in MVTec AD's or BTAD's layout, made on the spot (no download).
 
 Normal parts are a machined metal washer (brushed-metal texture, a bore, a chamfer ring) on a
 dark fabric-like background, with small pose and lighting jitter. Anomalous parts carry one of
@@ -13,6 +13,15 @@ from PIL import Image, ImageDraw, ImageFilter
 
 DEFECTS = ("scratch", "spot", "missing_piece", "contamination")
 MARKER = ".anomalib_mdps_demo"
+# Folder names and file types of each layout: MVTec AD (anomalib's ``MVTecAD``) keeps one folder per
+# defect type; BTAD (anomalib's ``BTech``) keeps all defects in ``ko``, its images as .bmp and masks named
+# like their image, as .png.
+LAYOUTS = {
+    "mvtec": {"normal": "good", "normal_image": "{index:03d}.png", "defective": "{defect}",
+              "image": "{index:03d}.png", "mask": "{index:03d}_mask.png"},
+    "btad": {"normal": "ok", "normal_image": "{index:03d}.bmp", "defective": "ko",
+             "image": "{defect}_{index:03d}.bmp", "mask": "{defect}_{index:03d}.png"},
+}
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,12 +125,17 @@ def _defective_part(rng: np.random.Generator, size: int, defect: str) -> tuple[I
     return image, mask
 
 
-def make_demo_dataset(root: Path, category: str = "demo", size: int = 128, num_train: int = 80, seed: int = 0) -> Path:
-    """Write the dataset under ``root/category`` and return ``root``.
+def make_demo_dataset(root: Path, category: str = "demo", size: int = 128, num_train: int = 80, seed: int = 0,
+                      layout: str = "mvtec") -> Path:
+    """Write the dataset under ``root/category`` in ``layout`` (a key of ``LAYOUTS``) and return ``root``.
 
     An existing folder is reused only if this function made it; anything else is left
     untouched and reported, so no user data is ever overwritten.
     """
+    if layout not in LAYOUTS:
+        msg = f"Unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}."
+        raise ValueError(msg)
+    names = LAYOUTS[layout]
     target = Path(root) / category
     if target.exists():
         if (target / MARKER).exists():
@@ -130,17 +144,18 @@ def make_demo_dataset(root: Path, category: str = "demo", size: int = 128, num_t
         raise FileExistsError(msg)
     rng = np.random.default_rng(seed)
     for split, count in (("train", num_train), ("test", 16)):
-        folder = target / split / "good"
+        folder = target / split / names["normal"]
         folder.mkdir(parents=True)
         for index in range(count):
-            _to_image(_render(_washer_geometry(rng), size, rng)).save(folder / f"{index:03d}.png")
+            _to_image(_render(_washer_geometry(rng), size, rng)).save(folder / names["normal_image"].format(index=index))
     for defect in DEFECTS:
-        images, masks = target / "test" / defect, target / "ground_truth" / defect
-        images.mkdir(parents=True)
-        masks.mkdir(parents=True)
+        folder_name = names["defective"].format(defect=defect)
+        images, masks = target / "test" / folder_name, target / "ground_truth" / folder_name
+        images.mkdir(parents=True, exist_ok=True)
+        masks.mkdir(parents=True, exist_ok=True)
         for index in range(6):
             image, mask = _defective_part(rng, size, defect)
-            image.save(images / f"{index:03d}.png")
-            mask.save(masks / f"{index:03d}_mask.png")
+            image.save(images / names["image"].format(defect=defect, index=index))
+            mask.save(masks / names["mask"].format(defect=defect, index=index))
     (target / MARKER).touch()
     return Path(root)
