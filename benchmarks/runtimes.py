@@ -190,11 +190,11 @@ def main() -> None:
     start = time.perf_counter()
     openvino.save_model(openvino.convert_model(onnx_path), export_root / "model.xml")
     openvino_seconds = onnx_seconds + time.perf_counter() - start
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
+    runtime = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in runtime.get_outputs()]
 
     def onnx_runtime(image: torch.Tensor) -> tuple:
-        outputs = dict(zip(names, session.run(None, {"input": image.numpy()}), strict=True))
+        outputs = dict(zip(names, runtime.run(None, {"input": image.numpy()}), strict=True))
         return outputs["pred_score"], outputs["anomaly_map"]
 
     add("ONNX Runtime", onnx_seconds, onnx_runtime)
