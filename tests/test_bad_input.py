@@ -42,6 +42,11 @@ def test_a_missing_dataset_is_refused_not_downloaded(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match=r"MVTecAD data not found at .*nowhere/bottle.*never downloads"):
         AnomalibCLI(["train", "--config", SMOKE, "--data.root", str(missing), "--default_root_dir", str(tmp_path)])
     assert not missing.exists()
+    # the refusal belonged to that run's datamodule: anomalib's own module is as it was
+    from anomalib.data.datamodules.image import mvtecad
+    from anomalib.data.utils import download_and_extract
+
+    assert mvtecad.download_and_extract is download_and_extract
 
 
 def test_an_empty_folder_of_normal_images_is_named(tmp_path: Path) -> None:

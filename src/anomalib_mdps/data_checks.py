@@ -9,6 +9,7 @@ plugin runs offline, so for its models a missing dataset is an error that says w
 import sys
 from pathlib import Path
 from typing import NoReturn
+from unittest import mock
 
 
 def split_image_paths(datamodule: object, split: str) -> list[str]:
@@ -24,9 +25,13 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def refuse_dataset_download(datamodule: object) -> None:
-    """Make ``datamodule.prepare_data`` raise a clear error where it would download."""
+    """Make this ``datamodule``'s ``prepare_data`` raise a clear error where it would download.
+
+    Only this instance changes: its ``prepare_data`` runs with its module's ``download_and_extract``
+    replaced for the length of the call, so other datamodules and later code see anomalib as it is.
+    """
     module = sys.modules.get(type(datamodule).__module__)
-    if module is None or not hasattr(module, "download_and_extract"):
+    if module is None or not hasattr(module, "download_and_extract") or vars(datamodule).get("_offline_prepare"):
         return
     name = type(datamodule).__name__
     category = getattr(datamodule, "category", None)
@@ -40,7 +45,14 @@ def refuse_dataset_download(datamodule: object) -> None:
         )
         raise DatasetNotFoundError(msg)
 
-    module.download_and_extract = refuse
+    prepare = datamodule.prepare_data
+
+    def prepare_data_offline() -> None:
+        with mock.patch.object(module, "download_and_extract", refuse):
+            prepare()
+
+    datamodule.prepare_data = prepare_data_offline
+    datamodule._offline_prepare = True
 
 
 class UnreadableImageError(OSError):
