@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     selection, terms, trained = {}, {}, {}
+    caches = {dataset: args.results / "runs" / f"Mdps-{dataset}" for dataset in args.datasets}
     for dataset in args.datasets:
         trained[dataset] = trained_model(dataset, args.results / "runs", args.profile)
-        cache = args.results / "runs" / f"Mdps-{dataset}"
-        selection[dataset], terms[dataset] = selection_scores(trained[dataset][0], trained[dataset][2], cache)
+        selection[dataset], terms[dataset] = selection_scores(trained[dataset][0], trained[dataset][2], caches[dataset])
         print(dataset, json.dumps(selection[dataset]), flush=True)
     profile = pd.read_csv(args.results / "results.csv")
     rows = []
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                        sum(selection[d][c]["pixel_auroc"] for d in others) / len(others)) for c in CANDIDATES}
         chosen = max(CANDIDATES, key=lambda c: ranking[c])
         model, module, _ = trained[left_out]
-        cache = args.results / "runs" / f"Mdps-{left_out}"
-        test = {c: test_scores(c, model, module, terms[left_out], cache) for c in dict.fromkeys((chosen, DEFAULT))}
+        test = {c: test_scores(c, model, module, terms[left_out], caches[left_out])
+                for c in dict.fromkeys((chosen, DEFAULT))}
         baselines = {m: profile[(profile.model == m) & (profile.dataset == left_out)].iloc[0]
                      for m in ("PaDiM", "PatchCore")}
         rows.append((left_out, chosen, ranking[chosen], test, baselines))
