@@ -30,7 +30,7 @@ from anomalib.utils.config import flatten_dict
 from lightning import seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .measurements import Measurements, peak_rss_mb, raw_metrics
+from .measurements import Measurements, complete_score_terms, peak_rss_mb, raw_metrics
 from .offline_weights import load_offline_backbone_weights
 from .profiles import Job
 
@@ -130,6 +130,7 @@ def run_job(job: Job) -> dict[str, Any]:
         test_start = time.perf_counter()
         test_results = engine.test(model, datamodule)[0]
         test_end = time.perf_counter()
+    complete_score_terms(model, datamodule, measured)
     if job.model.get("keep_weights"):
         # For scripts that score the trained model again (``benchmarks.leave_one_out``), not for the table.
         torch.save({"state_dict": model.model.state_dict(), "image_size": tuple(model.model.image_size)},

@@ -38,7 +38,7 @@ these datasets is the test set: optimistic).
 training). Inference: median over the test set of pre-processing + model time per image, batch 1, after warm-up \
 images. Peak RSS: the job's own process (libraries included).
 - Pixel metrics are at each model's input resolution (anomalib resizes masks with the images).
-- Mdps's image score fuses D̄ (eq. 18-19, the diffusion part), the per-location feature density and the patch memory's distance; "D̄ alone", "density alone" and "memory alone" score the same trained model's test images with each term on its own. The fusion is chosen while the model trains, on its selection split (held-out normal training images and synthetic defects); results.csv has the chosen shares (`fusion_*`) and what they measured there (`selection_*`)."""
+- Mdps's image score fuses D̄ (eq. 18-19, the diffusion part), the per-location feature density and the patch memory's distance; "D̄ alone", "density alone" and "memory alone" score the same trained model's test images with each term on its own. The fusion is chosen while the model trains, on its selection split (held-out normal training images and synthetic defects); results.csv has the chosen shares (`fusion_*`) and what they measured there (`selection_*`). Where the fusion gives D̄ no weight, the timed pass skips sampling and "D̄ alone" comes from a second, untimed pass."""
 
 
 def merge_results(existing_csv: Path, new_rows: pd.DataFrame) -> pd.DataFrame:

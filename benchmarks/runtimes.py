@@ -1,6 +1,8 @@
 """Export a trained plugin model and score a test set in each runtime: accuracy, speed, export time.
 
-``python -m benchmarks.runtimes --model Mdps --ckpt PATH [--dataset bottle] [--output DIR]``
+``python -m benchmarks.runtimes --model Mdps --ckpt PATH [--dataset bottle] [--output DIR]``, or
+``--weights benchmarks/results/cpu/runs/Mdps-tire/model.pt --dataset tire`` for the weights a cpu-profile
+run kept (its preset's settings, the tensors it trained, chose and calibrated).
 
 Runs the dataset's whole test set (from the cpu profile's dataset list) at batch 1 through eager
 torch (the exportable variant; for Mdps, guidance without autograd) as it is, with channels-last
@@ -13,7 +15,7 @@ inside the model as exported models do (anomalib's export transform: no antialia
 AUROC can differ a little. Per row: image and pixel
 AUROC on raw scores (anomalib's metric, cross-checked by scikit-learn), median wall-clock and
 process-CPU ms/image at batch 1 after warm-up, ms/image at batch 8, and the seconds its export
-(or compilation) took. Writes ``<model>_runtimes.{csv,md}`` and prints the table.
+(or compilation) took. Writes ``<output>/<model>_runtimes.{csv,md}`` and prints the table.
 """
 
 import argparse
@@ -120,15 +122,32 @@ def _eager_variant(model, variant: str) -> Iterator[float]:  # noqa: ANN001
         network.to(memory_format=torch.contiguous_format)
 
 
+def _from_profile_weights(name: str, path: Path):  # noqa: ANN202
+    """The cpu profile's ``name`` model (its preset's init args) holding the tensors a job kept in ``path``."""
+    import torch
+
+    from anomalib_mdps import models
+    from benchmarks.profiles import load_profile, model_spec
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    init_args = model_spec(name, load_profile("cpu")["models"][name])["init_args"]
+    model = getattr(models, name)(**{**init_args, "image_size": list(saved["image_size"])})
+    model.model.load_state_dict(saved["state_dict"])
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=["Mdps", "InvAD", "Glad"])
-    parser.add_argument("--ckpt", required=True, type=Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=Path, help="a Lightning checkpoint")
+    source.add_argument("--weights", type=Path, help="model.pt of a cpu-profile job (keep_weights)")
     parser.add_argument("--dataset", default="bottle", help="a dataset of the cpu profile")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out rows whose name contains one of these")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/runtimes"))
+    parser.add_argument("--output", type=Path, help="default: benchmarks/results/runtimes/<dataset>")
     arguments = parser.parse_args()
+    arguments.output = arguments.output or Path("benchmarks/results/runtimes") / arguments.dataset
 
     import numpy as np
     import onnxruntime
@@ -141,8 +160,13 @@ def main() -> None:
 
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
-    model = getattr(models, arguments.model).load_from_checkpoint(arguments.ckpt, map_location="cpu").eval()
-    size = tuple(int(v) for v in model.model.input_size) if hasattr(model.model, "input_size") else None
+    if arguments.ckpt:
+        model = getattr(models, arguments.model).load_from_checkpoint(arguments.ckpt, map_location="cpu").eval()
+    else:
+        model = _from_profile_weights(arguments.model, arguments.weights).eval()
+    # The size images enter the graph at: Mdps's ``full_size`` (input_scale x the denoiser's), else the model's.
+    size = getattr(model.model, "full_size", None) or getattr(model.model, "input_size", None)
+    size = tuple(int(v) for v in size) if size is not None else None
     resize = model.pre_processor.transform
     module = cpu_profile_datamodule(arguments.dataset, train_batch_size=1, eval_batch_size=1)
     test_batches = list(module.test_dataloader())
@@ -222,7 +246,7 @@ def main() -> None:
 
     arguments.output.mkdir(parents=True, exist_ok=True)
     header = (
-        f"{arguments.model} from {arguments.ckpt.name} on the {arguments.dataset} test set ({len(batches)} images; "
+        f"{arguments.model} from {(arguments.ckpt or arguments.weights).name} on the {arguments.dataset} test set ({len(batches)} images; "
         f"batch 1: median over images after {WARMUP_IMAGES} warm-up; batch 8: median of {BATCH_8_RUNS} batches "
         f"after one), torch threads {torch.get_num_threads()}, 1-min load {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores. Export s: ONNX export (+ conversion, + quantisation) or compilation. "

@@ -23,6 +23,13 @@ TINY_MDPS = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reads the real data is part of the slow suite."""
+    for item in items:
+        if "mvtec_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def mvtec_root() -> Path:
     """MVTec AD's root in the real data beside the repository: skipped where it is absent, an error under CI."""

@@ -62,6 +62,7 @@ def test_smoke_profile_end_to_end(mvtec_root: Path, tmp_path: Path) -> None:
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_failed_job_fails_the_command_and_shows_the_error(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_dataset"
     done = _benchmark(
@@ -255,3 +256,20 @@ def test_the_readme_block_is_rewritten_from_the_results_and_nothing_else(tmp_pat
     assert "| Mdps | – | 0.700 / 0.600 (1500 ms) |" in text and "old table" not in text
     assert not update_readme(readme, "gpu", results)  # no block for that profile: the file stays as it is
     assert readme.read_text() == text
+
+
+def test_score_terms_the_timed_pass_skipped_are_computed_in_a_second_pass(tiny_mdps_model) -> None:
+    from types import SimpleNamespace
+
+    from benchmarks.measurements import Measurements, complete_score_terms
+
+    model = tiny_mdps_model()
+    model.fusion.copy_(torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.5, 0.5]]))  # D̄ weighs nowhere: not sampled
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    batches = [SimpleNamespace(image=images[i : i + 1]) for i in range(3)]
+    measured = Measurements(warmup_images=0)
+    measured.score_terms = [model.reconstruct(batch.image).score_terms for batch in batches]
+    assert torch.cat(measured.score_terms)[:, 0].isnan().all()
+    module = SimpleNamespace(model=model, device=torch.device("cpu"), pre_processor=SimpleNamespace(transform=lambda x: x))
+    complete_score_terms(module, SimpleNamespace(test_dataloader=lambda: batches), measured)
+    torch.testing.assert_close(torch.cat(measured.score_terms), model.score_terms(model.terms(images)), rtol=1e-4, atol=1e-5)

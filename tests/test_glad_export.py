@@ -13,6 +13,8 @@ import torch
 from anomalib_mdps.models import Glad
 from conftest import assert_export_parity, numpy_outputs, onnx_runtime_outputs, openvino_f32_outputs
 
+pytestmark = pytest.mark.slow  # graph capture and conversion: tens of seconds per model
+
 
 def _images(batch: int) -> torch.Tensor:
     images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(3))

@@ -197,6 +197,7 @@ def test_cli_train_then_test_from_checkpoint(mvtec_root: Path, tmp_path: Path) -
         assert retested[name] == pytest.approx(metrics[name], abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_onnx_and_openvino_exports_match_eager(tmp_path: Path) -> None:
     from anomalib_mdps.models import InvAD
 
@@ -215,6 +216,7 @@ def test_onnx_and_openvino_exports_match_eager(tmp_path: Path) -> None:
 
 
 # The folder data set has no masks: anomalib computes its pixel metrics without updates.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric:UserWarning")
 def test_an_integer_image_size_follows_the_data_aspect_and_survives_the_checkpoint(tmp_path: Path) -> None:
     from test_bad_input import _folder_dataset

@@ -73,6 +73,7 @@ def _check_cli_openvino_export(checkpoint: Path, tested: AnomalibCLI, export_roo
     assert_export_parity(exported, {name: reference[name] for name in exported})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["Mdps", "InvAD", "Glad"])
 def test_bare_model_name_resolves_from_the_command_line(name: str, tmp_path: Path) -> None:
     command = [

@@ -13,6 +13,8 @@ import torch
 from anomalib_mdps.models import Mdps
 from conftest import assert_export_parity, numpy_outputs, onnx_runtime_outputs, openvino_f32_outputs
 
+pytestmark = pytest.mark.slow  # graph capture and conversion: tens of seconds per model
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Mdps, Path, Path]:
@@ -117,3 +119,16 @@ def test_predict_folder_writes_heatmaps_and_skips_corrupt_files(
     assert sorted(p.name for p in (tmp_path / "out").glob("*_heatmap.png")) == ["part_0_heatmap.png", "part_1_heatmap.png"]
     rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
     assert len(rows) == 3
+
+
+def test_a_fusion_without_eq19_exports_without_the_sampling_loops(exported, tmp_path: Path) -> None:
+    import copy
+
+    import onnx
+
+    model = copy.deepcopy(exported[0])
+    model.model.fusion.copy_(torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.7, 0.3]]))
+    onnx_path = model.to_onnx(tmp_path)
+    assert not any(node.op_type == "Scan" for node in onnx.load(onnx_path, load_external_data=False).graph.node)
+    images = _images(2)
+    assert_export_parity(onnx_runtime_outputs(onnx_path, images), _eager(model, images))

@@ -153,6 +153,7 @@ def test_training_fits_the_density_on_the_training_images_without_the_held_out_o
     assert model.model.density_scale.shape == (2, 32, 32) and not torch.all(model.model.density_scale[1] == 1.0)
 
 
+@pytest.mark.slow
 def test_density_sees_the_input_at_full_size_while_the_denoiser_sees_it_box_filtered(tiny_mdps_model) -> None:
     model = tiny_mdps_model(input_scale=2, image_size=(32, 32))
     assert model.full_size == (64, 64)

@@ -66,6 +66,7 @@ def test_jacobian_free_guidance_runs_under_inference_mode(tiny_mdps_model) -> No
     assert torch.isfinite(output.anomaly_map).all()
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_gives_identical_scores(tiny_mdps_model) -> None:
     model = tiny_mdps_model()
     loss = model.training_loss(_images(4))
@@ -80,6 +81,7 @@ def test_state_dict_round_trip_gives_identical_scores(tiny_mdps_model) -> None:
     torch.testing.assert_close(restored.reconstruct(images).anomaly_map, model.reconstruct(images).anomaly_map)
 
 
+@pytest.mark.slow
 def test_seeded_training_is_reproducible(tiny_mdps_model) -> None:
     def train_and_score() -> torch.Tensor:
         model = tiny_mdps_model().train()
@@ -189,6 +191,7 @@ def test_aspect_aware_size_keeps_the_short_side_and_follows_the_aspect_ratio() -
     assert aspect_aware_size(256, 630 / 250, 32) == (640, 256)  # InvAD: stride-16 grid, 2x denoiser
 
 
+@pytest.mark.slow
 def test_weights_saved_at_another_size_restore_it(tiny_mdps_model) -> None:
     tall = tiny_mdps_model()
     tall.set_image_size((48, 32))
@@ -306,3 +309,29 @@ def test_training_does_not_warn_about_the_frozen_backbone_and_restores_the_warni
     assert not [w for w in caught if "in eval mode" in str(w.message)]
     model.train()
     assert not model.model.feature_extractor.network.training  # so Lightning would have warned
+
+
+def test_a_fusion_without_eq19_skips_both_passes_and_scores_the_same(tiny_mdps_model, monkeypatch) -> None:
+    from anomalib_mdps.models.mdps import torch_model
+    from anomalib_mdps.models.mdps.anomaly_map import fused
+
+    model = tiny_mdps_model()
+    images = _images(2)
+    model.fusion.copy_(torch.tensor([[0.0, 0.3, 0.7], [0.0, 0.6, 0.4]]))
+    terms = model.terms(images)
+    expected_map = fused(terms.maps, model.fusion[0])
+    expected_score = top_k_mean_score(fused(terms.maps, model.fusion[1]), model.top_k)
+
+    def no_sampling(*args, **kwargs) -> None:
+        raise AssertionError("sampled although the fusion gives D̄ no weight")
+
+    monkeypatch.setattr(torch_model, "masked_posterior_sampling", no_sampling)
+    output = model.reconstruct(images)
+    torch.testing.assert_close(output.anomaly_map, expected_map)
+    torch.testing.assert_close(output.pred_score, expected_score)
+    assert output.reconstruction is None and output.mask is None
+    assert output.score_terms[:, 0].isnan().all() and not output.score_terms[:, 1:].isnan().any()
+
+    model.fusion[1, 0] = 0.1  # D̄ in the score alone: both passes run again
+    with pytest.raises(AssertionError, match="no weight"):
+        model.reconstruct(images)

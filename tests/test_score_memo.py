@@ -63,6 +63,7 @@ def test_an_image_not_scored_before_is_not_recalled(tiny_mdps_model) -> None:
     assert memo.recall(model, other) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("raw_size", "image_size"),
     [((40, 40), (32, 32)), ((56, 40), 32)],

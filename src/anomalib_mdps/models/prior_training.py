@@ -145,7 +145,7 @@ class PriorTrainingMixin:
     def score_batch(self, batch: Batch) -> Batch:
         # Each image's map is independent of its batch (shared sampling noise): the split is exact.
         parts = [self.model.reconstruct(chunk) for chunk in batch.image.split(self.images_per_sampling_call)]
-        output = type(parts[0])(*(torch.cat(field) for field in zip(*parts, strict=True)))
+        output = type(parts[0])(*(None if field[0] is None else torch.cat(field) for field in zip(*parts, strict=True)))
         batch.update(pred_score=output.pred_score, anomaly_map=output.anomaly_map)
         batch.reconstruction = output.reconstruction
         if hasattr(output, "score_terms"):

@@ -61,9 +61,11 @@ class MdpsOutput(NamedTuple):
     """Everything one MDPS scoring run produces, per input image."""
 
     pred_score: torch.Tensor  # (B,)
-    anomaly_map: torch.Tensor  # (B, 1, H, W) at the input's size: D̄ of the final pass, blurred (+ the density)
-    reconstruction: torch.Tensor  # (B, 3, h, w) in [0, 1] at image_size, first posterior sample of the final pass
-    mask: torch.Tensor  # (B, 1, h, w) at image_size, m of the final pass (all ones without the mask pass)
+    anomaly_map: torch.Tensor  # (B, 1, H, W) at the input's size: the fused map (``fusion`` row 0)
+    # (B, 3, h, w) in [0, 1] at image_size, first posterior sample of the final pass; None when the
+    # fusion gives D̄ no weight and the diffusion passes are skipped (``needs_difference``)
+    reconstruction: torch.Tensor | None
+    mask: torch.Tensor | None  # (B, 1, h, w) at image_size, m of the final pass (all ones without the mask pass)
     # (B, 3): the image score (top-S mean) of D̄ alone (eq. 18-19), of the density alone and of the patch
     # memory's distance alone (NaN for a term the model does not compute)
     score_terms: torch.Tensor
@@ -72,11 +74,11 @@ class MdpsOutput(NamedTuple):
 class MdpsTerms(NamedTuple):
     """The two maps an Mdps score is made of, at the denoiser's size, before they are fused."""
 
-    difference: torch.Tensor  # (B, 1, h, w): D̄ of the final pass, blurred
+    difference: torch.Tensor | None  # (B, 1, h, w): D̄ of the final pass, blurred; None when not sampled
     density: torch.Tensor | None  # (B, 1, h, w): the standardised density, blurred; None without it
     memory: torch.Tensor | None  # (B, 1, h, w): the standardised patch-memory distance, blurred; None without it
-    reconstruction: torch.Tensor
-    mask: torch.Tensor
+    reconstruction: torch.Tensor | None
+    mask: torch.Tensor | None
 
     @property
     def maps(self) -> list[torch.Tensor | None]:
@@ -150,7 +152,8 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
             density and the patch memory's distance, with weights chosen by ``choose_fusion`` on the
             selection split (held-out normal training images and synthetic defects) while the model
             trains, and saved with it; until then, and with ``fixed``, D̄ + ``density_weight``·density
-            (map) and D̄ + ``score_density_weight``·density (score).
+            (map) and D̄ + ``score_density_weight``·density (score). Where the weights give D̄ no share
+            of either, scoring skips the diffusion passes (``needs_difference``).
         memory_size: normal training patches in the patch memory (``score_fusion='auto'`` only; 0:
             none). Its term, not in MDPS, is each patch's distance to the nearest normal patch from
             anywhere in the training images (PatchCore's idea), for parts that do not sit in the
@@ -340,24 +343,39 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> MdpsOutput:
-        """Score images in [0, 1]: two MDPS passes (m = 1, then m of eq. 20), maps and scores."""
-        terms = self.terms(images)
-        nan = torch.full_like(terms.difference[:, 0, 0, 0], float("nan"))
+        """Score images in [0, 1]: two MDPS passes (m = 1, then m of eq. 20), maps and scores.
+
+        When the fusion gives D̄ no weight in the map or the score, the passes are skipped: the
+        output is the same, without the reconstruction and the mask, at the cost of the density
+        and the memory alone.
+        """
+        terms = self.terms(images, with_difference=self.needs_difference)
         return MdpsOutput(
             pred_score=top_k_mean_score(fused(terms.maps, self.fusion[1]), self.top_k),
             anomaly_map=self._at_input_size(fused(terms.maps, self.fusion[0]), images),
             reconstruction=terms.reconstruction,
             mask=terms.mask,
-            score_terms=torch.stack(
-                [nan if term is None else top_k_mean_score(term, self.top_k) for term in terms.maps], dim=1,
-            ),
+            score_terms=self.score_terms(terms),
         )
 
+    def score_terms(self, terms: MdpsTerms) -> torch.Tensor:
+        """(B, 3): the image score (top-S mean) of each term alone, NaN for a term not computed."""
+        present = next(term for term in terms.maps if term is not None)
+        nan = torch.full_like(present[:, 0, 0, 0], float("nan"))
+        return torch.stack([nan if term is None else top_k_mean_score(term, self.top_k) for term in terms.maps], dim=1)
+
     @torch.no_grad()
-    def terms(self, images: torch.Tensor) -> MdpsTerms:
-        """D̄ of the final pass (eqs. 18-19), the density and the memory, at the denoiser's size, unfused."""
+    def terms(self, images: torch.Tensor, with_difference: bool = True) -> MdpsTerms:
+        """D̄ of the final pass (eqs. 18-19), the density and the memory, at the denoiser's size, unfused.
+
+        ``with_difference=False`` leaves D̄ (and both sampling passes) out: ``difference``,
+        ``reconstruction`` and ``mask`` are None.
+        """
         images, full = self._checked(images)
         self._check_calibrated()
+        density, memory = self.feature_maps(full, images.shape[-2:])
+        if not with_difference:
+            return MdpsTerms(None, density, memory, None, None)
         y, noise, features_y, samples = self._first_pass(images)
         mask = torch.ones_like(y[:, :1])
         difference = self.difference_map(samples, images, features_y)
@@ -371,7 +389,6 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
             difference = self.difference_map(samples, images, features_y)
         else:
             mask = mask[:: self.num_samples]
-        density, memory = self.feature_maps(full, images.shape[-2:])
         return MdpsTerms(difference, density, memory, samples[:: self.num_samples], mask)
 
     @torch.no_grad()
@@ -438,6 +455,17 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         features_y = [f.repeat_interleave(self.num_samples, dim=0) for f in self.features(images)]
         samples = self._posterior_samples(y, torch.ones_like(y[:, :1]), noise, self.mask_guidance_scale)
         return y, noise, features_y, samples
+
+    @property
+    def needs_difference(self) -> bool:
+        """Whether D̄ weighs in the map or the image score (``fusion`` column 0); scoring skips the
+        diffusion passes when it does not. Read while a graph is captured from what ``exportable``
+        saw, since a buffer's value cannot steer a traced graph.
+        """
+        at_export = getattr(self, "_difference_at_export", None)
+        if at_export is not None and is_tracing():
+            return at_export
+        return bool(self.fusion[:, 0].any())
 
     @property
     def uses_density(self) -> bool:
@@ -593,10 +621,12 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         guidance = self.guidance
         self.guidance = Guidance.JACOBIAN_FREE
         self.noise_for((3, *self.image_size))
+        self._difference_at_export = self.needs_difference
         try:
             yield
         finally:
             self.guidance = guidance
+            del self._difference_at_export
 
 
 def normal_density_statistics(distances: torch.Tensor, statistics: DensityStatistics) -> torch.Tensor:
