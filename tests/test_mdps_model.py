@@ -311,6 +311,32 @@ def test_training_does_not_warn_about_the_frozen_backbone_and_restores_the_warni
     assert not model.model.feature_extractor.network.training  # so Lightning would have warned
 
 
+def test_a_fit_that_fails_before_training_starts_restores_the_warning_filters(tmp_path) -> None:  # noqa: ANN001
+    import warnings
+
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+    from lightning.pytorch import Callback
+
+    from anomalib_mdps.models import Mdps
+    from test_bad_input import _folder_dataset
+
+    class FailAtTrainStart(Callback):  # a trainer callback: it runs before the model's own
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            raise RuntimeError("stopped before training")
+
+    root = _folder_dataset(tmp_path / "parts", (32, 32), normal=6, defective=2)
+    datamodule = Folder(name="parts", root=root, normal_dir="good", abnormal_dir="defect", train_batch_size=4,
+                        eval_batch_size=4, num_workers=0)
+    model = Mdps(**{**TINY_MDPS, "image_size": (32, 32)}, max_epochs=1, calibration_images=2, visualizer=False)
+    engine = Engine(default_root_dir=tmp_path / "results", logger=False, enable_progress_bar=False,
+                    callbacks=[FailAtTrainStart()])
+    filters = list(warnings.filters)
+    with pytest.raises(RuntimeError, match="stopped before training"):
+        engine.fit(model, datamodule=datamodule)
+    assert warnings.filters == filters
+
+
 def test_a_fusion_without_eq19_skips_both_passes_and_scores_the_same(tiny_mdps_model, monkeypatch) -> None:
     from anomalib_mdps.models.mdps import torch_model
     from anomalib_mdps.models.mdps.anomaly_map import fused

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib import LearningType
 from anomalib.data import Batch
@@ -22,6 +23,36 @@ from anomalib_mdps.visualization import ReconstructionVisualizer
 
 # Lightning's message, at the start of training, about modules left in eval mode.
 FROZEN_BACKBONE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+
+class QuietFrozenBackbone(Callback):
+    """Silences ``FROZEN_BACKBONE_WARNING`` from the start of fit until training starts: the frozen
+    ImageNet backbone stays in eval mode on purpose (ImageNet's batch-norm statistics). The warning
+    filters are restored when training starts, or when fit fails before it does.
+    """
+
+    def __init__(self) -> None:
+        self._quiet: warnings.catch_warnings | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self._restore()
+        self._quiet = warnings.catch_warnings()
+        self._quiet.__enter__()
+        warnings.filterwarnings("ignore", message=FROZEN_BACKBONE_WARNING)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        del trainer, pl_module, exception
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._quiet is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
 
 
 class DiffusionModuleMixin:
@@ -47,20 +78,8 @@ class DiffusionModuleMixin:
         """Seed torch's global generator from the model's seed: it orders the training batches and
         draws the training levels and noise. anomalib 2.7's CLI accepts ``--seed_everything``
         without applying it, so an unseeded run would train differently every time.
-
-        Until ``on_train_start``, Lightning's warning about modules in eval mode is silenced: the
-        frozen ImageNet backbone stays in eval mode on purpose (ImageNet's batch-norm statistics).
         """
         torch.manual_seed(self.model.seed)
-        self._frozen_backbone_quiet = warnings.catch_warnings()
-        self._frozen_backbone_quiet.__enter__()
-        warnings.filterwarnings("ignore", message=FROZEN_BACKBONE_WARNING)
-
-    def on_train_start(self) -> None:
-        """Lightning's eval-mode check has run: restore the warning filters of ``on_fit_start``."""
-        quiet = vars(self).pop("_frozen_backbone_quiet", None)
-        if quiet is not None:
-            quiet.__exit__(None, None, None)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:  # noqa: ANN401
         del outputs, batch, batch_idx
@@ -77,7 +96,7 @@ class DiffusionModuleMixin:
         """
         if self.attached_datamodule is not None:
             refuse_dataset_download(self.attached_datamodule)
-        return super().configure_callbacks()
+        return [*super().configure_callbacks(), QuietFrozenBackbone()]
 
     def setup(self, stage: str) -> None:
         """Unreadable image files of the stage's datasets are named before it starts; a model

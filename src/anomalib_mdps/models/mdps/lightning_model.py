@@ -2,7 +2,8 @@
 
 Paper: Wu et al., "Unsupervised Anomaly Detection via Masked Diffusion Posterior Sampling".
 Training fits a DDPM ε-denoiser on normal images; ``forward`` runs Algorithm 1 twice
-(m = 1, then the mask of eq. 20) and scores the averaged difference map (eqs. 18–19).
+(m = 1, then the mask of eq. 20) and scores the averaged difference map (eqs. 18–19), fused with
+the feature terms; where the fusion gives D̄ no weight, it runs neither pass.
 """
 
 from collections.abc import Sequence
