@@ -19,7 +19,6 @@ once. Sampler settings (N_s, steps, the mask) would need the sampler rerun per c
 """
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mdps.console import hide_library_import_warnings
 
-from .profiles import cpu_profile_datamodule, load_profile, model_spec
+from .profiles import cpu_profile_datamodule, kept_weights, load_profile, model_from_kept_weights, model_spec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 TERMS = ("eq18", "density", "memory")
@@ -51,18 +50,9 @@ DEFAULT = next(iter(CANDIDATES))
 def trained_model(dataset: str, runs: Path, profile: str = "cpu"):  # noqa: ANN201
     """The profile run's Mdps for ``dataset`` with its saved tensors, and its datamodule and held-out images."""
     from anomalib_mdps.models.calibration import CalibrationHoldout
-    from anomalib_mdps.models.mdps import MdpsModel
 
-    weights = runs / f"Mdps-{dataset}" / "model.pt"
-    if not weights.is_file():
-        msg = f"No {weights}: run `python -m benchmarks --profile cpu --models Mdps` first (it keeps the weights)."
-        raise FileNotFoundError(msg)
-    saved = torch.load(weights, weights_only=False)
+    model = model_from_kept_weights("Mdps", kept_weights("Mdps", dataset, runs), profile).model.eval()
     init_args = model_spec("Mdps", load_profile(profile)["models"]["Mdps"])["init_args"]
-    accepted = inspect.signature(MdpsModel).parameters
-    model = MdpsModel(**{k: v for k, v in init_args.items() if k in accepted and k != "image_size"},
-                      image_size=saved["image_size"]).eval()
-    model.load_state_dict(saved["state_dict"])
     module = cpu_profile_datamodule(dataset, profile, train_batch_size=8, eval_batch_size=8)
     holdout = CalibrationHoldout(init_args.get("calibration_images", 16), init_args.get("selection_images", 16))
     holdout.choose(module)

@@ -108,18 +108,14 @@ def train(
 
 def kept_by_profile(name: str, size: str, runs: Path, output: Path) -> Path:
     """The weights a cpu-profile run kept for ``name`` (``keep_weights``), in this harness's format."""
-    from .profiles import load_profile, model_spec
+    from .profiles import kept_weights, load_profile, model_spec
 
     if size != "aspect":
         msg = f"--weights-from holds the cpu preset's aspect-aware models only, not size {size!r}."
         raise ValueError(msg)
     target = output / f"{name}_profile.pt"
     if not target.exists():
-        kept = runs / f"Mdps-{name}" / "model.pt"
-        if not kept.is_file():
-            msg = f"No {kept}: run `python -m benchmarks --profile cpu --models Mdps` first."
-            raise FileNotFoundError(msg)
-        saved = torch.load(kept, weights_only=False)
+        saved = torch.load(kept_weights("Mdps", name, runs), weights_only=False)
         preset = model_spec("Mdps", load_profile("cpu")["models"]["Mdps"])["init_args"]
         torch.save({**saved, "calibration_images": preset.get("calibration_images", 16),
                     "selection_images": preset.get("selection_images", 16)}, target)
@@ -266,9 +262,12 @@ def write_table(
     names = [row["name"] for row in rows]
     lines = ["Selection splits (held-out normal training images and synthetic defects; cross-fitted for rows "
              "that choose their score fusion):", "", *table("selection", names, with_aupro=False)]
-    if chosen is not None:
+    chosen_tested = any(r["row"] == chosen and r.get("split", "test") == "test" for r in records)
+    if chosen is not None and chosen_tested:
         lines += ["", f"Chosen by mean selection image AUROC: **{chosen}**. Its test sets, scored after the choice:",
                   "", *table("test", [chosen], with_aupro=True)]
+    elif chosen is not None:
+        lines += ["", f"Chosen by mean selection image AUROC: **{chosen}** (its test sets not scored: `--no-test`)."]
     test_only = [name for name in names if name != chosen and any(
         r["row"] == name and r.get("split", "test") == "test" for r in records)]
     if test_only:
@@ -299,6 +298,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("selection", "test"), default="selection",
                         help="selection (default): score every row on the selection splits, choose, then test the "
                         "chosen row; test: score every row's test set (a report: choose nothing from it)")
+    parser.add_argument("--no-test", action="store_true",
+                        help="choose on the selection splits and write the table without scoring the chosen row's test sets")
     parser.add_argument("--weights-from", type=Path, metavar="RUNS",
                         help="use the denoisers a cpu-profile run kept (its runs/ folder) instead of training")
     parser.add_argument("--output", type=Path, required=True, help="weights, rows.jsonl and table.md (resumable)")
@@ -331,7 +332,7 @@ def main() -> None:
     chosen = best_row(records, rows, args.datasets) if args.split == "selection" else None
     if chosen is not None:
         print(f"chosen on the selection splits: {chosen}", flush=True)
-        for name in args.datasets:
+        for name in [] if args.no_test else args.datasets:
             run(by_name[chosen], name, "test")
     write_table(records, rows, args.datasets, args.output / "table.md", chosen)
 

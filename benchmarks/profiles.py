@@ -149,6 +149,27 @@ def cpu_profile_datamodule(name: str, profile_name: str = "cpu", **loader_args: 
     return module
 
 
+def kept_weights(model: str, dataset: str, runs: Path) -> Path:
+    """``<runs>/<model>-<dataset>/model.pt``: the tensors a profile job kept (``keep_weights``)."""
+    path = runs / f"{model}-{dataset}" / "model.pt"
+    if not path.is_file():
+        _fail(f"No {path}: run `python -m benchmarks --profile cpu --models {model}` first (it keeps the weights).")
+    return path
+
+
+def model_from_kept_weights(name: str, path: Path, profile_name: str = "cpu"):  # noqa: ANN201
+    """The profile's ``name`` model (its preset's init args) holding the tensors a job kept in ``path``."""
+    import torch
+
+    from anomalib_mdps import models
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    init_args = model_spec(name, load_profile(profile_name)["models"][name])["init_args"]
+    model = getattr(models, name)(**{**init_args, "image_size": list(saved["image_size"]), "visualizer": False})
+    model.model.load_state_dict(saved["state_dict"])
+    return model
+
+
 def folder_dataset_entry(path: Path) -> dict[str, Any]:
     """A ``Folder`` dataset from a directory laid out as ``good/``, defect dirs, optional ``mask/``.
 

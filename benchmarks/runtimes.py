@@ -30,7 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.profiles import cpu_profile_datamodule  # noqa: E402
+from benchmarks.profiles import cpu_profile_datamodule, model_from_kept_weights  # noqa: E402
 from benchmarks.timing import PerImageTimes  # noqa: E402
 
 WARMUP_IMAGES = 2
@@ -122,20 +122,6 @@ def _eager_variant(model, variant: str) -> Iterator[float]:  # noqa: ANN001
         network.to(memory_format=torch.contiguous_format)
 
 
-def _from_profile_weights(name: str, path: Path):  # noqa: ANN202
-    """The cpu profile's ``name`` model (its preset's init args) holding the tensors a job kept in ``path``."""
-    import torch
-
-    from anomalib_mdps import models
-    from benchmarks.profiles import load_profile, model_spec
-
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    init_args = model_spec(name, load_profile("cpu")["models"][name])["init_args"]
-    model = getattr(models, name)(**{**init_args, "image_size": list(saved["image_size"])})
-    model.model.load_state_dict(saved["state_dict"])
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=["Mdps", "InvAD", "Glad"])
@@ -163,7 +149,7 @@ def main() -> None:
     if arguments.ckpt:
         model = getattr(models, arguments.model).load_from_checkpoint(arguments.ckpt, map_location="cpu").eval()
     else:
-        model = _from_profile_weights(arguments.model, arguments.weights).eval()
+        model = model_from_kept_weights(arguments.model, arguments.weights).eval()
     # The size images enter the graph at: Mdps's ``full_size`` (input_scale x the denoiser's), else the model's.
     size = getattr(model.model, "full_size", None) or getattr(model.model, "input_size", None)
     size = tuple(int(v) for v in size) if size is not None else None

@@ -68,7 +68,8 @@ def test_a_corrupt_image_in_the_dataset_is_named(tmp_path: Path) -> None:
 def test_16_pixel_images_are_upsampled_to_the_model_input(tmp_path: Path) -> None:
     root = _folder_dataset(tmp_path / "parts", (16, 16))
     metrics = cli_metrics(AnomalibCLI(["train", *_folder_arguments(root, tmp_path)]))
-    assert 0.0 <= metrics["image_AUROC"] <= 1.0
+    # Each defective image carries a bright square over 1/16 of it: every term ranks those first.
+    assert metrics["image_AUROC"] == 1.0
 
 
 def test_predict_on_an_empty_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -196,16 +196,16 @@ def test_every_committed_profile_names_real_models_arguments_and_datasets(profil
     """A typo in a profile or a preset (a renamed argument, a model or dataset anomalib lacks) fails
     here, not an hour into a benchmark run.
     """
-    import inspect
-
     import anomalib.data
     import anomalib.models
+    from jsonargparse import ArgumentParser
 
     jobs = plan_jobs(load_profile(profile_name), output_dir=tmp_path)
     for model in {job.model["name"]: job.model for job in jobs}.values():
         model_class = getattr(anomalib.models, model["class_path"].rsplit(".", 1)[-1])
-        accepted = inspect.signature(model_class.__init__).parameters
-        unknown = sorted(set(model["init_args"]) - set(accepted))
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(model_class, "model")  # what the CLI accepts, forwarded settings included
+        unknown = sorted(set(model["init_args"]) - set(vars(parser.get_defaults().model)))
         assert not unknown, f"{profile_name}/{model['name']}: {model_class.__name__} takes no {unknown}"
     for dataset in (job.dataset for job in jobs):
         assert hasattr(anomalib.data, dataset["class_path"]), dataset["class_path"]

@@ -235,3 +235,32 @@ def test_an_integer_image_size_follows_the_data_aspect_and_survives_the_checkpoi
     tested = AnomalibCLI(["test", *common, "--ckpt_path", str(checkpoint)])
     assert tested.model.model.image_size == (64, 160)
     assert cli_metrics(tested)["image_AUROC"] == pytest.approx(cli_metrics(trained)["image_AUROC"], abs=1e-6)
+
+
+def test_the_map_lights_a_defect_away_from_the_border_not_the_normal_border(tiny_invad, monkeypatch) -> None:
+    """A latent whose norm is high along the border of every image (as the backbone's padding makes
+    it) and a defect in the middle, lower than that border: the map must rank the defect first.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    grid = tiny_invad.grid_size
+    border = torch.ones(1, 1, *grid)
+    border[..., 1:-1, 1:-1] = 0
+    generator = torch.Generator().manual_seed(0)
+
+    def latents(count: int, defect: bool) -> torch.Tensor:
+        latent = 1 + 3 * border + 0.1 * torch.randn(count, tiny_invad.feature_channels, *grid, generator=generator)
+        if defect:
+            latent[..., grid[0] // 2, grid[1] // 2] += 1.5
+        return latent / tiny_invad.feature_channels**0.5
+
+    features = torch.zeros(8, tiny_invad.feature_channels, *grid)
+    monkeypatch.setattr(tiny_invad, "invert", lambda z0: latents(z0.shape[0], defect=False))
+    tiny_invad.fit_score_statistics([features])
+    monkeypatch.setattr(tiny_invad, "invert", lambda z0: latents(z0.shape[0], defect=True))
+    anomaly_map = tiny_invad.score_features(features[:2]).anomaly_map
+    mask = torch.zeros(anomaly_map.shape[-2:], dtype=torch.bool)
+    cell = [size // g for size, g in zip(anomaly_map.shape[-2:], grid, strict=True)]
+    mask[grid[0] // 2 * cell[0] : (grid[0] // 2 + 1) * cell[0], grid[1] // 2 * cell[1] : (grid[1] // 2 + 1) * cell[1]] = True
+    auroc = roc_auc_score(mask.expand(2, 1, -1, -1).flatten().numpy(), anomaly_map.flatten().numpy())
+    assert auroc > 0.95, auroc

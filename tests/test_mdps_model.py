@@ -59,11 +59,13 @@ def test_without_mask_pass_the_mask_is_all_ones(tiny_mdps_model) -> None:
     assert output.mask.shape == (2, 1, 32, 32) and bool((output.mask == 1).all())
 
 
-def test_jacobian_free_guidance_runs_under_inference_mode(tiny_mdps_model) -> None:
+def test_jacobian_free_guidance_runs_under_inference_mode_and_scores_as_with_autograd(tiny_mdps_model) -> None:
     model = tiny_mdps_model(guidance="jacobian_free")
     with torch.inference_mode():
-        output = model(_images(2))
-    assert torch.isfinite(output.anomaly_map).all()
+        inferred = model(_images(2))
+    with_autograd = model(_images(2))
+    torch.testing.assert_close(inferred.anomaly_map, with_autograd.anomaly_map, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(inferred.pred_score, with_autograd.pred_score, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -335,6 +337,34 @@ def test_a_fit_that_fails_before_training_starts_restores_the_warning_filters(tm
     with pytest.raises(RuntimeError, match="stopped before training"):
         engine.fit(model, datamodule=datamodule)
     assert warnings.filters == filters
+
+
+def test_fit_is_seeded_by_the_model_and_leaves_the_callers_generator_as_it_was(tmp_path) -> None:  # noqa: ANN001
+    from anomalib.data import Folder
+    from lightning.pytorch import Trainer
+
+    from anomalib_mdps.models import Mdps
+    from test_bad_input import _folder_dataset
+
+    root = _folder_dataset(tmp_path / "parts", (32, 32), normal=6, defective=2)
+
+    def fit(caller_seed: int) -> tuple[dict[str, torch.Tensor], bool]:
+        datamodule = Folder(name="parts", root=root, normal_dir="good", abnormal_dir="defect", train_batch_size=4,
+                            eval_batch_size=4, num_workers=0)
+        model = Mdps(**{**TINY_MDPS, "image_size": (32, 32)}, max_epochs=1, calibration_images=2, visualizer=False)
+        torch.manual_seed(caller_seed)
+        state = torch.random.get_rng_state()
+        trainer = Trainer(max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                          default_root_dir=tmp_path / "results")
+        trainer.fit(model, datamodule=datamodule)
+        return model.model.prior.denoiser.state_dict(), torch.equal(torch.random.get_rng_state(), state)
+
+    first, first_restored = fit(caller_seed=1)
+    second, second_restored = fit(caller_seed=2)
+    assert first_restored and second_restored
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_a_fusion_without_eq19_skips_both_passes_and_scores_the_same(tiny_mdps_model, monkeypatch) -> None:

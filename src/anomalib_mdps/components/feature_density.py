@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
+from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -109,12 +110,7 @@ class FeatureDensity(DynamicBufferMixin, nn.Module):
                 f"channels, got {tuple(embedding.shape[1:])}: score images at the size the model was trained at."
             )
             raise ValueError(msg)
-        # PaDiM's distance, as anomalib's padim.AnomalyMapGenerator.compute_distance. Not imported:
-        # importing anomalib's PaDiM package moved the Glad smoke test's AUROC under its floor, an
-        # import-order effect not tracked down.
-        delta = embedding.flatten(2).permute(2, 0, 1) - self.mean.T.unsqueeze(1)  # (h·w, B, C)
-        squared = ((delta @ self.inv_covariance) * delta).sum(dim=2).clamp(min=0)
-        return squared.sqrt().T.reshape(embedding.shape[0], 1, *embedding.shape[-2:])
+        return AnomalyMapGenerator.compute_distance(embedding, [self.mean, self.inv_covariance])
 
     @property
     def grid_size(self) -> tuple[int, int]:

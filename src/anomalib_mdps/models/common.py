@@ -5,13 +5,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.pre_processing import PreProcessor
 from anomalib.pre_processing.utils.transform import get_exportable_transform
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torchvision.transforms.v2 import Compose, Resize
 
 from anomalib_mdps.data_checks import check_dataset_images, refuse_dataset_download
@@ -19,7 +18,6 @@ from anomalib_mdps.models.input_size import size_for_data
 from anomalib_mdps.models.score_memo import SCORE_FIELDS, ScoreMemo
 from anomalib_mdps.post_processing import RankPreservingPostProcessor
 from anomalib_mdps.visualization import ReconstructionVisualizer
-
 
 # Lightning's message, at the start of training, about modules left in eval mode.
 FROZEN_BACKBONE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
@@ -55,6 +53,37 @@ class QuietFrozenBackbone(Callback):
             self._quiet = None
 
 
+class SeededFit(Callback):
+    """Seeds torch's generator from the model's seed for the length of fit, then gives the caller
+    back the generator state it had before fit. Inside fit the global generator orders the training batches
+    (the samplers of Lightning's data loaders draw from it) and draws the training levels and noise;
+    anomalib 2.7's CLI accepts ``--seed_everything`` without applying it, so an unseeded run would
+    train differently every time.
+    """
+
+    def __init__(self, seed: int) -> None:
+        # Made in ``configure_callbacks``, before the datamodule's set-up, which may draw from the generator.
+        self.seed = seed
+        self._caller_state: torch.Tensor | None = torch.random.get_rng_state()
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        torch.manual_seed(self.seed)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        del trainer, pl_module, exception
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._caller_state is not None:
+            torch.random.set_rng_state(self._caller_state)
+            self._caller_state = None
+
+
 class DiffusionModuleMixin:
     """Defaults of the plugin's anomalib modules.
 
@@ -74,13 +103,6 @@ class DiffusionModuleMixin:
             self._score_memo = ScoreMemo()
         return self._score_memo
 
-    def on_fit_start(self) -> None:
-        """Seed torch's global generator from the model's seed: it orders the training batches and
-        draws the training levels and noise. anomalib 2.7's CLI accepts ``--seed_everything``
-        without applying it, so an unseeded run would train differently every time.
-        """
-        torch.manual_seed(self.model.seed)
-
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:  # noqa: ANN401
         del outputs, batch, batch_idx
         self.model.update_ema()
@@ -96,7 +118,7 @@ class DiffusionModuleMixin:
         """
         if self.attached_datamodule is not None:
             refuse_dataset_download(self.attached_datamodule)
-        return [*super().configure_callbacks(), QuietFrozenBackbone()]
+        return [*super().configure_callbacks(), QuietFrozenBackbone(), SeededFit(self.model.seed)]
 
     def setup(self, stage: str) -> None:
         """Unreadable image files of the stage's datasets are named before it starts; a model

@@ -24,7 +24,8 @@ from .torch_model import GladModel
 class Glad(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibModule):
     """Global and local adaptive diffusion.
 
-    The model arguments are those of :class:`GladModel` plus:
+    Settings of the model itself are :class:`GladModel`'s arguments, declared there once and taken
+    here as ``model_settings`` (the CLI lists each). Those of training:
 
     Args:
         image_size: an integer is the short side, the long side following the training data's
@@ -40,31 +41,12 @@ class Glad(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         max_epochs: training epochs of the denoiser.
         learning_rate, weight_decay, optimizer, lr_schedule: as for ``Mdps``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
+        model_settings: :class:`GladModel`'s arguments but ``image_size``.
     """
 
     def __init__(
         self,
         image_size: int | Sequence[int] = 64,
-        unet_channels: Sequence[int] = (32, 64, 128, 256),
-        layers_per_block: int = 1,
-        attention_levels: Sequence[bool] | None = None,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        start_level: int = 400,
-        num_steps: int = 10,
-        min_level: int = 150,
-        lock_distance: float | None = None,
-        lock_quantile: float = 1.0,
-        lock_top_k: int = 160,
-        backbone: str = "tf_efficientnet_lite0",
-        feature_layers: Sequence[str] = ("blocks.2", "blocks.4"),
-        backbone_input_size: Sequence[int] | None = None,
-        pixel_weight: float = 0.0,
-        blur_sigma: float = 3.0,
-        top_k: int = 62,
-        ema_decay: float = 0.995,
-        seed: int = 0,
         anomaly_probability: float = 0.5,
         calibration_images: int = 16,
         step_batch_size: int = 8,
@@ -77,6 +59,7 @@ class Glad(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
         post_processor: torch.nn.Module | bool = True,
         evaluator: Any = True,  # noqa: ANN401
         visualizer: Any = True,  # noqa: ANN401
+        **model_settings: Any,  # noqa: ANN401
     ) -> None:
         super().__init__(
             pre_processor=self.configure_pre_processor(square(image_size)) if pre_processor is True else pre_processor,
@@ -84,29 +67,7 @@ class Glad(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.model = GladModel(
-            image_size=square(image_size),
-            unet_channels=unet_channels,
-            layers_per_block=layers_per_block,
-            attention_levels=attention_levels,
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            start_level=start_level,
-            num_steps=num_steps,
-            min_level=min_level,
-            lock_distance=lock_distance,
-            lock_quantile=lock_quantile,
-            lock_top_k=lock_top_k,
-            backbone=backbone,
-            feature_layers=feature_layers,
-            backbone_input_size=backbone_input_size,
-            pixel_weight=pixel_weight,
-            blur_sigma=blur_sigma,
-            top_k=top_k,
-            ema_decay=ema_decay,
-            seed=seed,
-        )
+        self.model = GladModel(image_size=square(image_size), **model_settings)
         self.short_side = image_size if isinstance(image_size, int) else None
         self.anomaly_generator = PerlinAnomalyGenerator(probability=anomaly_probability, blend_factor=(0.2, 1.0))
         self.setup_prior_training(

@@ -9,7 +9,8 @@ the Gaussian prior. Nothing is reconstructed.
 Departures from the authors' code, each for a single-image, CPU setting: features are
 standardised per channel with training statistics before the diffusion; image scores are
 standardised with statistics of the normal training images (the code min-max normalises over
-the test set); stages are area-averaged to the grid (the code resamples bilinearly).
+the test set); stages are area-averaged to the grid (the code resamples bilinearly); the map is
+‖z_T‖ standardised at each location with normal training statistics (the code maps the raw norm).
 """
 
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
+from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -24,14 +26,14 @@ from anomalib_mdps.components import (
     Denoiser,
     DiffusionPrior,
     FeatureExtractor,
-    check_noise_level,
     NoiseSchedule,
     anomaly_map_blur,
+    check_noise_level,
     ddim_inversion_step,
     ddim_step_pairs,
     unet_downsampling_factor,
 )
-from anomalib_mdps.components.images import as_rgb_batch
+from anomalib_mdps.components.images import as_rgb_batch, is_tracing
 from anomalib_mdps.models.input_size import track_input_size
 
 from .anomaly_map import gaussian_negative_log_likelihood, latent_norm_map, spatial_score, standardised
@@ -41,7 +43,7 @@ class InvADOutput(NamedTuple):
     """Everything one InvAD scoring run produces, per input image."""
 
     pred_score: torch.Tensor  # (B,) standardised NLL (+ weighted standardised spatial term)
-    anomaly_map: torch.Tensor  # (B, 1, H, W) per-location ‖z_T‖, upsampled and blurred
+    anomaly_map: torch.Tensor  # (B, 1, H, W) per-location ‖z_T‖ standardised per location, upsampled, blurred
     negative_log_likelihood: torch.Tensor  # (B,) raw −log N(z_T; 0, I)
     spatial_score: torch.Tensor  # (B,) raw max − min of the per-location ‖z_T‖
     latent: torch.Tensor  # (B, C, h, w) z_T
@@ -99,7 +101,7 @@ def ddim_inversion(
     return z
 
 
-class InvADModel(nn.Module):
+class InvADModel(DynamicBufferMixin, nn.Module):
     """InvAD: a feature-space diffusion prior scored by the likelihood of the DDIM-inverted latent.
 
     Images enter in [0, 1] at ``image_size``. The backbone's stages are brought to the grid of
@@ -181,6 +183,10 @@ class InvADModel(nn.Module):
         self.register_buffer("score_std", torch.ones(2))
         self.register_buffer("feature_statistics_fitted", torch.tensor(False))
         self.register_buffer("score_statistics_fitted", torch.tensor(False))
+        # (1, 1, h, w) mean and spread of ‖z_T‖ at each grid location over normal training images;
+        # empty (the raw norm) until fitted, and in weights saved before the map was standardised.
+        self.register_buffer("map_mean", torch.empty(0))
+        self.register_buffer("map_std", torch.empty(0))
 
     @property
     def size_factor(self) -> int:
@@ -275,11 +281,24 @@ class InvADModel(nn.Module):
             pred_score = pred_score + self.spatial_weight * standardised(spatial, self.score_mean[1], self.score_std[1])
         return InvADOutput(
             pred_score=pred_score,
-            anomaly_map=self.anomaly_map(norm_map, image_size or self.image_size),
+            anomaly_map=self.anomaly_map(self.standardised_norm_map(norm_map), image_size or self.image_size),
             negative_log_likelihood=negative_log_likelihood,
             spatial_score=spatial,
             latent=latent,
         )
+
+    def standardised_norm_map(self, norm_map: torch.Tensor) -> torch.Tensor:
+        """‖z_T‖ against its normal value at each location. The raw norm carries a position pattern
+        of its own (the backbone's padding lifts the border): on data whose defects sit away from
+        the border, such as tyres, it ranks the defects below the normal border.
+        """
+        if self.map_mean.numel() == 0:
+            return norm_map
+        if not is_tracing() and self.map_mean.shape[-2:] != norm_map.shape[-2:]:
+            msg = (f"The map statistics were fit on a {tuple(self.map_mean.shape[-2:])} grid, got "
+                   f"{tuple(norm_map.shape[-2:])}: score images at the size the model was trained at.")
+            raise ValueError(msg)
+        return (norm_map - self.map_mean) / self.map_std
 
     def anomaly_map(self, norm_map: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """The per-location ‖z_T‖ upsampled to ``image_size`` and smoothed."""
@@ -292,22 +311,28 @@ class InvADModel(nn.Module):
 
     @torch.no_grad()
     def fit_score_statistics(self, feature_batches: Iterable[torch.Tensor]) -> None:
-        """Mean and standard deviation of the raw NLL and spatial term over normal training images.
+        """Mean and standard deviation of the raw NLL and spatial term over normal training images,
+        and of ‖z_T‖ at each grid location (``standardised_norm_map``).
 
-        They put both terms on one scale before they are added, and make scores comparable
-        between runs without ever looking at test data.
+        They put both terms on one scale before they are added, make scores comparable between
+        runs, and take the position pattern out of the map, without ever looking at test data.
         """
-        raw = []
+        raw, norm_maps = [], []
+        self.map_mean, self.map_std = self.map_mean[:0], self.map_std[:0]  # raw norms while measuring them
         for features in feature_batches:
             output = self.score_features(features)
             raw.append(torch.stack([output.negative_log_likelihood, output.spatial_score], dim=1).double())
+            norm_maps.append(latent_norm_map(output.latent).double())
         if not raw:
             msg = "No training features to score: the training set is empty."
             raise ValueError(msg)
-        scores = torch.cat(raw)
+        scores, norm_maps = torch.cat(raw), torch.cat(norm_maps)
         std = scores.std(dim=0) if scores.shape[0] > 1 else torch.ones_like(scores[0])
         self.score_mean.copy_(scores.mean(dim=0).float())
         self.score_std.copy_(std.clamp(min=1e-6).float())
+        map_std = norm_maps.std(dim=0, keepdim=True) if norm_maps.shape[0] > 1 else torch.ones_like(norm_maps[:1])
+        self.map_mean = norm_maps.mean(dim=0, keepdim=True).to(self.score_mean)
+        self.map_std = map_std.clamp(min=1e-6).to(self.score_mean)
         self.score_statistics_fitted.fill_(True)
 
     # -------------------------------------------------------------------- input

@@ -23,7 +23,6 @@ from anomalib_mdps.components import (
 from anomalib_mdps.components.images import as_rgb_batch, is_tracing
 from anomalib_mdps.models.input_size import track_input_size
 from anomalib_mdps.models.pixel_space import PixelSpaceModel
-
 from anomalib_mdps.selection_split import SelectionSplit
 
 from .anomaly_map import (
@@ -36,7 +35,6 @@ from .anomaly_map import (
     weighted_terms,
 )
 from .sampler import Guidance, GuidanceNorm, ThresholdMode, anomalous_region_mask, masked_posterior_sampling
-
 
 # A location's spread is estimated from the few held-out images (16: about 18 % error); below
 # this fraction of the spread over all locations it would amplify noise, not calibrate it.
@@ -459,13 +457,11 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
     @property
     def needs_difference(self) -> bool:
         """Whether D̄ weighs in the map or the image score (``fusion`` column 0); scoring skips the
-        diffusion passes when it does not. Read while a graph is captured from what ``exportable``
-        saw, since a buffer's value cannot steer a traced graph.
+        diffusion passes when it does not. Inside ``exportable`` it is the value read on entry,
+        since a buffer's value cannot steer a traced graph.
         """
         at_export = getattr(self, "_difference_at_export", None)
-        if at_export is not None and is_tracing():
-            return at_export
-        return bool(self.fusion[:, 0].any())
+        return at_export if at_export is not None else bool(self.fusion[:, 0].any())
 
     @property
     def uses_density(self) -> bool:
