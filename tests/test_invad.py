@@ -238,8 +238,8 @@ def test_an_integer_image_size_follows_the_data_aspect_and_survives_the_checkpoi
 
 
 def test_the_map_lights_a_defect_away_from_the_border_not_the_normal_border(tiny_invad, monkeypatch) -> None:
-    """A latent whose norm is high along the border of every image (as the backbone's padding makes
-    it) and a defect in the middle, lower than that border: the map must rank the defect first.
+    """A latent whose norm is high along the border of every image (a pattern by position, alike in
+    every image) and a defect in the middle, lower than that border: the map must rank the defect first.
     """
     from sklearn.metrics import roc_auc_score
 

@@ -23,7 +23,19 @@ from anomalib_mdps.visualization import ReconstructionVisualizer
 FROZEN_BACKBONE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
-class QuietFrozenBackbone(Callback):
+class HeldDuringFit(Callback):
+    """A callback that changes process-wide state for part of fit and gives it back in ``_restore``,
+    also when fit fails."""
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        del trainer, pl_module, exception
+        self._restore()
+
+    def _restore(self) -> None:
+        raise NotImplementedError
+
+
+class QuietFrozenBackbone(HeldDuringFit):
     """Silences ``FROZEN_BACKBONE_WARNING`` from the start of fit until training starts: the frozen
     ImageNet backbone stays in eval mode on purpose (ImageNet's batch-norm statistics). The warning
     filters are restored when training starts, or when fit fails before it does.
@@ -43,22 +55,18 @@ class QuietFrozenBackbone(Callback):
         del trainer, pl_module
         self._restore()
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        del trainer, pl_module, exception
-        self._restore()
-
     def _restore(self) -> None:
         if self._quiet is not None:
             self._quiet.__exit__(None, None, None)
             self._quiet = None
 
 
-class SeededFit(Callback):
+class SeededFit(HeldDuringFit):
     """Seeds torch's generator from the model's seed for the length of fit, then gives the caller
-    back the generator state it had before fit. Inside fit the global generator orders the training batches
-    (the samplers of Lightning's data loaders draw from it) and draws the training levels and noise;
-    anomalib 2.7's CLI accepts ``--seed_everything`` without applying it, so an unseeded run would
-    train differently every time.
+    back the generator state it had before fit. Inside fit the global generator orders the training
+    batches (the samplers of Lightning's data loaders draw from it) and draws the training levels and
+    noise; anomalib 2.7's CLI accepts ``--seed_everything`` without applying it, so an unseeded run
+    would train differently every time.
     """
 
     def __init__(self, seed: int) -> None:
@@ -72,10 +80,6 @@ class SeededFit(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del trainer, pl_module
-        self._restore()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        del trainer, pl_module, exception
         self._restore()
 
     def _restore(self) -> None:

@@ -288,9 +288,8 @@ class InvADModel(DynamicBufferMixin, nn.Module):
         )
 
     def standardised_norm_map(self, norm_map: torch.Tensor) -> torch.Tensor:
-        """‖z_T‖ against its normal value at each location. The raw norm carries a position pattern
-        of its own (the backbone's padding lifts the border): on data whose defects sit away from
-        the border, such as tyres, it ranks the defects below the normal border.
+        """‖z_T‖ against its normal value at each location. The raw norm also varies with position,
+        alike in every image; on tyres that pattern ranked normal rubber above the small defects.
         """
         if self.map_mean.numel() == 0:
             return norm_map
