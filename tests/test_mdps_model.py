@@ -363,8 +363,11 @@ def test_fit_is_seeded_by_the_model_and_leaves_the_callers_generator_as_it_was(t
     first, first_restored = fit(caller_seed=1)
     second, second_restored = fit(caller_seed=2)
     assert first_restored and second_restored
-    for name, value in first.items():
-        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
+    # CPU kernels are not always bit-reproducible (README, limits), and Adam turns a last-digit
+    # difference in a near-zero gradient into a full step: a few weights may differ, not many.
+    differing = sum(int(((second[name] - value).abs() > 1e-6).sum()) for name, value in first.items())
+    total = sum(value.numel() for value in first.values())
+    assert differing / total < 0.01, f"{differing} of {total} weights differ"
 
 
 def test_a_fusion_without_eq19_skips_both_passes_and_scores_the_same(tiny_mdps_model, monkeypatch) -> None:
