@@ -18,7 +18,7 @@ from anomalib_mdps.models.prior_training import PriorTrainingMixin
 from anomalib_mdps.selection_split import selection_split
 
 from .sampler import Guidance, GuidanceNorm, ThresholdMode
-from .torch_model import MdpsModel, ScoreFusion
+from .torch_model import DensityStatistics, MdpsModel, ScoreFusion
 
 
 class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibModule):
@@ -117,4 +117,4 @@ class Mdps(ScanExportMixin, PriorTrainingMixin, DiffusionModuleMixin, AnomalibMo
 
     @classmethod
     def checkpoint_safe_globals(cls) -> Sequence[Any]:
-        return (Guidance, GuidanceNorm, ThresholdMode, ScoreFusion)
+        return (Guidance, GuidanceNorm, ThresholdMode, ScoreFusion, DensityStatistics)
