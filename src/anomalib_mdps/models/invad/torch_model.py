@@ -101,6 +101,12 @@ def ddim_inversion(
     return z
 
 
+def mean_and_spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation over the first dimension, kept; a single value spreads by 1."""
+    spread = values.std(dim=0, keepdim=True) if values.shape[0] > 1 else torch.ones_like(values[:1])
+    return values.mean(dim=0, keepdim=True), spread.clamp(min=1e-6)
+
+
 class InvADModel(DynamicBufferMixin, nn.Module):
     """InvAD: a feature-space diffusion prior scored by the likelihood of the DDIM-inverted latent.
 
@@ -297,7 +303,7 @@ class InvADModel(DynamicBufferMixin, nn.Module):
             msg = (f"The map statistics were fit on a {tuple(self.map_mean.shape[-2:])} grid, got "
                    f"{tuple(norm_map.shape[-2:])}: score images at the size the model was trained at.")
             raise ValueError(msg)
-        return (norm_map - self.map_mean) / self.map_std
+        return standardised(norm_map, self.map_mean, self.map_std)
 
     def anomaly_map(self, norm_map: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """The per-location ‖z_T‖ upsampled to ``image_size`` and smoothed."""
@@ -325,13 +331,11 @@ class InvADModel(DynamicBufferMixin, nn.Module):
         if not raw:
             msg = "No training features to score: the training set is empty."
             raise ValueError(msg)
-        scores, norm_maps = torch.cat(raw), torch.cat(norm_maps)
-        std = scores.std(dim=0) if scores.shape[0] > 1 else torch.ones_like(scores[0])
-        self.score_mean.copy_(scores.mean(dim=0).float())
-        self.score_std.copy_(std.clamp(min=1e-6).float())
-        map_std = norm_maps.std(dim=0, keepdim=True) if norm_maps.shape[0] > 1 else torch.ones_like(norm_maps[:1])
-        self.map_mean = norm_maps.mean(dim=0, keepdim=True).to(self.score_mean)
-        self.map_std = map_std.clamp(min=1e-6).to(self.score_mean)
+        score_mean, score_std = mean_and_spread(torch.cat(raw))
+        self.score_mean.copy_(score_mean[0].float())
+        self.score_std.copy_(score_std[0].float())
+        map_mean, map_std = mean_and_spread(torch.cat(norm_maps))
+        self.map_mean, self.map_std = map_mean.to(self.score_mean), map_std.to(self.score_mean)
         self.score_statistics_fitted.fill_(True)
 
     # -------------------------------------------------------------------- input
