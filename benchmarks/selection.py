@@ -92,13 +92,15 @@ def metrics(terms: list, weights: torch.Tensor, labels: torch.Tensor, masks: tor
     }
 
 
-def chosen_by_model(top_k: int, use: tuple[bool, bool, bool] = (True, True, True)) -> WeightRule:
+def chosen_by_model(
+    top_k: int, use: tuple[bool, bool, bool] = (True, True, True), simplest_within_noise: bool = True,
+) -> WeightRule:
     """The rule of ``score_fusion='auto'``: ``choose_fusion`` over the terms marked in ``use``."""
     from anomalib_mdps.models.mdps.anomaly_map import choose_fusion
 
     def rule(terms: list, labels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         kept = [term if keep else None for term, keep in zip(terms, use, strict=True)]
-        return choose_fusion(kept, labels, masks, top_k).coefficients
+        return choose_fusion(kept, labels, masks, top_k, simplest_within_noise).coefficients
 
     return rule
 

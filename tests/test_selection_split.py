@@ -141,3 +141,53 @@ def test_the_patch_memory_finds_a_normal_patch_wherever_it_moved() -> None:
     # The per-location Gaussian, fit where the pattern always sat, calls the moved pattern anomalous.
     far = density.distance(moved)[0, 0]
     assert far[10:14, 10:14].mean() > 5 * far[0:2, 12:14].mean()
+
+
+def _image_scores(*columns: list[float]) -> list[torch.Tensor]:
+    """One term per column: maps whose every pixel is the image's score, so the top-S mean is that score."""
+    return [torch.tensor(column).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone() for column in columns]
+
+
+def test_fusion_keeps_one_term_unless_a_mix_beats_it_by_more_than_the_noise() -> None:
+    from anomalib_mdps.models.mdps.anomaly_map import auroc_standard_error
+
+    normal = [i / 15 for i in range(16)]
+    labels, masks = torch.tensor([0] * 16 + [1] * 32), torch.zeros(48, 1, 8, 8)
+    masks[16:] = 1
+    # The density ranks one defect below one normal image (AUROC 1 - 1/512); a little of the memory
+    # would fix that pair. One pair in 512 is noise, so the density is kept alone.
+    density = normal + [0.97] + [2.0] * 31
+    memory = [0.0] * 16 + [10.0] + [0.0] * 31
+    terms = [None, *_image_scores(density, memory)]
+    assert auroc_standard_error(1 - 1 / 512, 16, 32) > 1 / 512
+    simplest = choose_fusion(terms, labels, masks, top_k=8)
+    assert simplest.coefficients[1].tolist() == [0.0, 1.0, 0.0], simplest.coefficients
+    best = choose_fusion(terms, labels, masks, top_k=8, simplest_within_noise=False)
+    assert best.coefficients[1, 2] > 0 and float(best.metrics[0, 3]) == 1.0, best.coefficients
+    # Each term sees half of the defects: alone each scores about 0.75, their mix 1.0, far beyond the noise.
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(3, 48, generator=generator) * 0.5
+    first, second = noise[0].clone(), noise[1].clone()
+    first[16:32] += 2
+    second[32:] += 2
+    mixed = choose_fusion([None, *_image_scores(first.tolist(), second.tolist())], labels, masks, top_k=8)
+    assert mixed.coefficients[1, 1] > 0 and mixed.coefficients[1, 2] > 0, mixed.coefficients
+    assert mixed.metrics[0, 1:3].max() < 0.85 and float(mixed.metrics[0, 3]) == 1.0
+
+
+def test_the_auroc_standard_error_matches_the_spread_of_simulated_aurocs() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from anomalib_mdps.models.mdps.anomaly_map import auroc_standard_error
+
+    generator = torch.Generator().manual_seed(1)
+    normal, defective, shift = 16, 32, 1.5
+    labels = [0] * normal + [1] * defective
+    aurocs = torch.tensor([
+        roc_auc_score(labels, torch.cat([torch.randn(normal, generator=generator),
+                                         torch.randn(defective, generator=generator) + shift]).numpy())
+        for _ in range(2000)
+    ])
+    expected = auroc_standard_error(float(aurocs.mean()), normal, defective)
+    # Hanley and McNeil's approximation is within about 10 % for two normal distributions.
+    assert abs(float(aurocs.std()) - expected) < 0.15 * expected, (float(aurocs.std()), expected)

@@ -2,6 +2,7 @@
 top-S mean of sec. 4.3 (``top_k_mean_score`` in ``components``).
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -106,30 +107,45 @@ def fusion_candidates(available: list[bool]) -> list[torch.Tensor]:
 
 def choose_fusion(
     terms: list[torch.Tensor | None], labels: torch.Tensor, masks: torch.Tensor, top_k: int,
+    simplest_within_noise: bool = True,
 ) -> FusionChoice:
     """The weights of the terms in the score and in the map that separate normal from defective best.
 
     ``terms`` are the selection split's maps (N, 1, h, w) in ``TERM_NAMES`` order (None: absent);
-    ``labels`` (N,) and ``masks`` (N, 1, H, W) its synthetic defects. The score's weights maximise
-    image AUROC of the top-S mean, the map's pixel AUROC (masks at the maps' size, a pixel anomalous
-    where at least a quarter of its area is defect). Equal AUROCs go to the larger normalised
-    separation of the two groups.
+    ``labels`` (N,) and ``masks`` (N, 1, H, W) its synthetic defects. The score's weights are judged
+    by image AUROC of the top-S mean, the map's by pixel AUROC (masks at the maps' size, a pixel
+    anomalous where at least a quarter of its area is defect). With ``simplest_within_noise``, the
+    mix with the fewest terms among those within one standard error of the best AUROC
+    (``auroc_standard_error``) is taken: a few dozen selection images cannot tell a mix from one
+    term by less than that, and an extra weight fitted to their noise does not carry over to new
+    images. Otherwise, and among equally simple mixes, the highest AUROC wins; equal AUROCs go to
+    the larger normalised separation of the two groups.
     """
     present = [term for term in terms if term is not None]
     masks = F.interpolate(masks.float(), size=present[0].shape[-2:], mode="area") >= 0.25
     stride = SELECTION_PIXEL_STRIDE
+    labels, pixels = labels.bool(), masks[..., ::stride, ::stride]
 
     def measured(coefficients: torch.Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
         combined = fused(terms, coefficients)
         return (
-            _separation(top_k_mean_score(combined, top_k), labels.bool()),
-            _separation(combined[..., ::stride, ::stride], masks[..., ::stride, ::stride]),
+            _separation(top_k_mean_score(combined, top_k), labels),
+            _separation(combined[..., ::stride, ::stride], pixels),
         )
 
     candidates = fusion_candidates([term is not None for term in terms])
     results = [measured(candidate) for candidate in candidates]
-    best_score = max(range(len(candidates)), key=lambda i: results[i][0])
-    best_map = max(range(len(candidates)), key=lambda i: results[i][1])
+
+    def chosen(use: int, anomalous: torch.Tensor) -> int:
+        best = max(range(len(candidates)), key=lambda i: results[i][use])
+        if not simplest_within_noise:
+            return best
+        auroc, positives = results[best][use][0], int(anomalous.sum())
+        floor = auroc - auroc_standard_error(auroc, anomalous.numel() - positives, positives)
+        eligible = [i for i in range(len(candidates)) if results[i][use][0] >= floor]
+        return max(eligible, key=lambda i: (-int((candidates[i] > 0).sum()), results[i][use]))
+
+    best_score, best_map = chosen(0, labels), chosen(1, pixels)
     metrics = torch.full((2, len(terms) + 1), float("nan"))
     for index, term in enumerate(terms):
         if term is not None:
@@ -137,6 +153,22 @@ def choose_fusion(
             metrics[:, index] = torch.tensor([alone[0][0], alone[1][0]])
     metrics[:, -1] = torch.tensor([results[best_score][0][0], results[best_map][1][0]])
     return FusionChoice(torch.stack([candidates[best_map], candidates[best_score]]), metrics)
+
+
+def auroc_standard_error(auroc: float, normal: int, defective: int) -> float:
+    """Standard error of an AUROC measured on ``normal`` negatives and ``defective`` positives.
+
+    Hanley and McNeil (1982), eq. 2, with their exponential approximations of Q1 and Q2. It treats
+    the images as independent; defective copies of one normal image are not, so the true error is
+    larger, and the rule that uses it errs towards the more complex mix.
+    """
+    if normal < 1 or defective < 1:
+        return 0.0
+    # A perfect separation of a few dozen images is no proof of a zero error: take it as half a misranked pair.
+    auroc = min(auroc, 1 - 0.5 / (normal * defective))
+    q1, q2 = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
+    variance = (auroc * (1 - auroc) + (defective - 1) * (q1 - auroc**2) + (normal - 1) * (q2 - auroc**2))
+    return math.sqrt(max(variance, 0.0) / (normal * defective))
 
 
 def _separation(values: torch.Tensor, anomalous: torch.Tensor) -> tuple[float, float]:
