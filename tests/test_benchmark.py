@@ -49,10 +49,15 @@ def test_smoke_profile_end_to_end(mvtec_root: Path, tmp_path: Path) -> None:
 
     # Mdps's row carries its score's decomposition and the fusion it chose on its selection split.
     mdps = results[results["model"] == "Mdps"].iloc[0]
-    for term in ("eq18", "density", "memory"):
-        assert 0 <= mdps[f"image_AUROC_{term}"] <= 1 and 0 <= mdps[f"selection_image_AUROC_{term}"] <= 1, term
+    terms = ("eq18", "density", "memory")
     for use in ("map", "score"):
-        assert sum(mdps[f"fusion_{use}_{term}"] for term in ("eq18", "density", "memory")) == pytest.approx(1.0)
+        assert sum(mdps[f"fusion_{use}_{term}"] for term in terms) == pytest.approx(1.0)
+    # Each term scored on its own: three different rankings, and the fused score is the term it kept alone.
+    assert len({round(mdps[f"image_AUROC_{term}"], 6) for term in terms}) > 1
+    kept_alone = [term for term in terms if mdps[f"fusion_score_{term}"] == pytest.approx(1.0)]
+    for term in kept_alone:
+        assert mdps["image_AUROC"] == pytest.approx(mdps[f"image_AUROC_{term}"], abs=1e-4), term
+        assert mdps["selection_image_AUROC_fused"] == pytest.approx(mdps[f"selection_image_AUROC_{term}"], abs=1e-4)
     assert results[results["model"] != "Mdps"]["image_AUROC_eq18"].isna().all()
 
     table = (tmp_path / RESULTS_MD).read_text(encoding="utf-8")

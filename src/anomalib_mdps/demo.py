@@ -50,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {name: round(float(value), 4) for name, value in cli.engine.trainer.callback_metrics.items()}
     print("Test metrics:", metrics)
     images = args.output.resolve() / "Mdps" / "MVTecAD" / args.category / "latest" / "images"
-    print(f"Heatmaps and reconstructions: {images}")
+    sampled = cli.model.model.needs_difference
+    print(f"Heatmaps{' and reconstructions' if sampled else ''}: {images}")
+    if not sampled:
+        print("No reconstructions: the selection split gave D̄ (eq. 18) no weight in the map or the score, so the "
+              "test images were scored without sampling (D̄'s own selection AUROCs are in the fusion line above).")
     panels = overview_panels(images)
     if panels is not None:
-        print(f"One panel per test folder (input | reconstruction | ground truth | heatmap | mask): {panels}")
+        fields = "input | reconstruction | ground truth | heatmap | mask" if sampled else "input | ground truth | heatmap | mask"
+        print(f"One panel per test folder ({fields}): {panels}")
     return 0
 
 

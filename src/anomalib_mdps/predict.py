@@ -4,6 +4,9 @@ Works with anomalib's exports of any model: ``.pt`` (torch export, ``TorchInfere
 pickle, so anomalib loads it only with ``TRUST_REMOTE_CODE=1``) and ``.xml``/``.onnx``
 (``OpenVINOInferencer``). A file that cannot be read is reported and
 skipped; the other images are still processed, and the exit code is 1 if any file failed.
+
+Kept beside ``anomalib predict`` because that command runs a Lightning checkpoint through the
+Engine; for exported files anomalib 2.7 ships the inferencers used here but no command.
 """
 
 import argparse

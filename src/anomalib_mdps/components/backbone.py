@@ -80,6 +80,9 @@ class FeatureExtractor(nn.Module):
     ``layers`` name timm modules: for EfficientNet-Lite ``blocks.1``, ``blocks.2`` and
     ``blocks.4`` are the stride 4, 8 and 16 stages. ImageNet normalisation happens here, so
     callers pass plain [0, 1] images.
+
+    Not anomalib's ``TimmFeatureExtractor``: with frozen weights it runs under ``no_grad``, and
+    Mdps's autograd guidance needs gradients through the frozen backbone to the sampled image.
     """
 
     def __init__(
