@@ -30,6 +30,7 @@ from anomalib.utils.config import flatten_dict
 from lightning import seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
 
+from .deployment import deployed_measurements
 from .measurements import Measurements, complete_score_terms, peak_rss_mb, raw_metrics
 from .offline_weights import load_offline_backbone_weights
 from .profiles import Job
@@ -131,6 +132,7 @@ def run_job(job: Job) -> dict[str, Any]:
         test_results = engine.test(model, datamodule)[0]
         test_end = time.perf_counter()
     complete_score_terms(model, datamodule, measured)
+    deployed = deployed_latency(job, model, datamodule) if job.model["name"] in job.settings["deployed_latency"] else {}
     if job.model.get("keep_weights"):
         # For scripts that score the trained model again (``benchmarks.leave_one_out``), not for the table.
         torch.save({"state_dict": model.model.state_dict(), "image_size": tuple(model.model.image_size)},
@@ -146,6 +148,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "image_F1Score": test_results.get("image_F1Score", float("nan")),
         "train_seconds": fit_seconds - measured.validation.seconds,
         "inference_ms_per_image": measured.latency.median_ms,
+        **deployed,
         "peak_rss_mb": peak_rss_mb(),
         "fit_seconds": fit_seconds,
         "validation_seconds": measured.validation.seconds,
@@ -166,6 +169,20 @@ def run_job(job: Job) -> dict[str, Any]:
         **{f"anomalib_{name}": value for name, value in test_results.items()},
         **{f"config.{key}": _cell(value) for key, value in config.items()},
     }
+
+
+def deployed_latency(job: Job, model: AnomalibModule, datamodule: AnomalibDataModule) -> dict[str, Any]:
+    """The model exported to OpenVINO and timed on the test images (``deployment``); a model that
+    does not export gets its error in the row instead, and the job goes on.
+    """
+    if job.settings["accelerator"] != "cpu":
+        return {}
+    try:
+        with tempfile.TemporaryDirectory(dir=job.directory) as export_root:
+            return deployed_measurements(model, datamodule, job.settings["warmup_images"], Path(export_root))
+    except Exception as error:  # noqa: BLE001  # a model that cannot be deployed is a result too
+        traceback.print_exc()
+        return {"deployed_error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
 
 
 def fit_time_choices(model: AnomalibModule) -> dict[str, float]:

@@ -130,20 +130,29 @@ def load_denoiser(
 
     Loading is strict: weights of an older layout of the model must fail here, not leave an
     untrained denoiser to score the test set. Weights saved before the feature density existed
-    (no ``feature_density.*`` tensors) load when the datamodule ``module`` and the ``holdout`` that
-    training chose are given: the density is fit here on its training images, the held-out ones
-    excluded, as training would have (it depends only on the frozen backbone).
+    (no ``feature_density.*`` tensors), and rows with other perceptual layers than the weights were
+    trained with, load when the datamodule ``module`` and the ``holdout`` that training chose are
+    given: the density is fit here on its training images, the held-out ones excluded, as training
+    would have (it depends only on the frozen backbone).
     """
     from anomalib_mdps.models.mdps import MdpsModel
+    from anomalib_mdps.models.mdps.torch_model import ScoreFusion
 
     model = MdpsModel(image_size=saved["image_size"], **settings).eval()
     state = dict(saved["state_dict"])
     if model.patch_memory is None:  # a row without the memory scores weights trained with one
         state = {key: value for key, value in state.items() if not key.startswith("patch_memory.")}
-    refit = module is not None and not any(key.startswith("feature_density.") for key in state)
+    fresh = model.state_dict()
+    if model.score_fusion == ScoreFusion.FIXED:  # the row's weights, not those the weights' training chose
+        state["fusion"] = fresh["fusion"]
+    # The frozen backbone carries its ImageNet weights from construction; a row with other perceptual
+    # layers (``feature_layers``) has another extractor, and a density of other shapes to fit anew.
+    state = {key: value for key, value in state.items() if not key.startswith("feature_extractor.")}
+    state.update({key: value for key, value in fresh.items() if key.startswith("feature_extractor.")})
+    density = [key for key in fresh if key.startswith("feature_density.")]
+    refit = module is not None and any(key not in state or state[key].shape != fresh[key].shape for key in density)
     if refit:
-        fresh = model.state_dict()
-        state.update({key: fresh[key] for key in fresh if key.startswith("feature_density.") or key == "density_scale"})
+        state.update({key: fresh[key] for key in [*density, "density_scale"]})
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

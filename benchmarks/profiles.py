@@ -6,6 +6,7 @@ A profile is a YAML file in ``benchmarks/profiles/`` (or any path)::
     seed: 0
     warmup_images: 3          # first images left out of the latency median
     torch_threads: 2          # optional: torch.set_num_threads in every job
+    deployed_latency: true    # optional: also export each model (or those listed) and time it in OpenVINO (f32)
     data_defaults: {...}      # init args every dataset gets (batch size, workers)
     datasets:
       bottle:                 # the name used in the table and by --datasets
@@ -250,10 +251,23 @@ def plan_jobs(
         "seed": profile.get("seed", 0),
         "warmup_images": profile.get("warmup_images", 3),
         "torch_threads": torch_threads or profile.get("torch_threads"),
+        "deployed_latency": deployed_models(profile),
         "runs_dir": str((output_dir or Path()) / "runs"),
     }
     return [Job(model_spec(name, entry), dataset, settings)
             for name, entry in select(profile["models"], models, "models").items() for dataset in dataset_specs]
+
+
+def deployed_models(profile: dict[str, Any]) -> list[str]:
+    """The models whose jobs also time their exported graph: ``deployed_latency`` true (all), a list, or none."""
+    wanted = profile.get("deployed_latency", False)
+    if wanted is True:
+        return list(profile["models"])
+    if not wanted:
+        return []
+    if unknown := [name for name in wanted if name not in profile["models"]]:
+        _fail(f"deployed_latency names models the profile does not have: {unknown}.")
+    return list(wanted)
 
 
 def notes_for(profile: dict[str, Any], model_names: Iterable[str]) -> list[str]:

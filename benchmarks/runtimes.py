@@ -30,6 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.deployment import F32, export_openvino, openvino_runner  # noqa: E402
 from benchmarks.profiles import cpu_profile_datamodule, model_from_kept_weights  # noqa: E402
 from benchmarks.timing import PerImageTimes  # noqa: E402
 
@@ -135,7 +136,6 @@ def main() -> None:
     arguments = parser.parse_args()
     arguments.output = arguments.output or Path("benchmarks/results/runtimes") / arguments.dataset
 
-    import numpy as np
     import onnxruntime
     import openvino
     import torch
@@ -150,9 +150,6 @@ def main() -> None:
         model = getattr(models, arguments.model).load_from_checkpoint(arguments.ckpt, map_location="cpu").eval()
     else:
         model = model_from_kept_weights(arguments.model, arguments.weights).eval()
-    # The size images enter the graph at: Mdps's ``full_size`` (input_scale x the denoiser's), else the model's.
-    size = getattr(model.model, "full_size", None) or getattr(model.model, "input_size", None)
-    size = tuple(int(v) for v in size) if size is not None else None
     resize = model.pre_processor.transform
     module = cpu_profile_datamodule(arguments.dataset, train_batch_size=1, eval_batch_size=1)
     test_batches = list(module.test_dataloader())
@@ -194,12 +191,7 @@ def main() -> None:
         add("eager torch, f32, from the image file", None,
             lambda path: eager(read_image(path, as_tensor=True).unsqueeze(0)), files)
 
-    start = time.perf_counter()
-    onnx_path = model.to_onnx(export_root, input_size=size)
-    onnx_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    openvino.save_model(openvino.convert_model(onnx_path), export_root / "model.xml")
-    openvino_seconds = onnx_seconds + time.perf_counter() - start
+    onnx_path, onnx_seconds, xml_path, openvino_seconds = export_openvino(model, export_root)
     runtime = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [output.name for output in runtime.get_outputs()]
 
@@ -209,23 +201,15 @@ def main() -> None:
 
     add("ONNX Runtime", onnx_seconds, onnx_runtime)
     core = openvino.Core()
-
-    def openvino_runner(compiled) -> Callable:  # noqa: ANN001
-        def run(image: torch.Tensor) -> tuple:
-            outputs = {port.get_any_name(): value for port, value in compiled(np.asarray(image)).items()}
-            return outputs["pred_score"], outputs["anomaly_map"]
-
-        return run
-
-    for precision, config in (("f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("default", {})):
-        compiled = core.compile_model(export_root / "model.xml", "CPU", config)
+    for precision, config in (("f32", F32), ("default", {})):
+        compiled = core.compile_model(xml_path, "CPU", config)
         add(f"OpenVINO, {precision} precision", openvino_seconds, openvino_runner(compiled))
     if not any(word in "OpenVINO INT8" for word in arguments.skip):
         import nncf
 
         start = time.perf_counter()
         calibration = [resize(b.image).numpy() for b, _ in zip(module.train_dataloader(), range(QUANTISATION_IMAGES))]
-        quantised = nncf.quantize(core.read_model(export_root / "model.xml"), nncf.Dataset(calibration),
+        quantised = nncf.quantize(core.read_model(xml_path), nncf.Dataset(calibration),
                                   subset_size=len(calibration))
         int8_seconds = openvino_seconds + time.perf_counter() - start
         add("OpenVINO INT8 (NNCF post-training)", int8_seconds, openvino_runner(core.compile_model(quantised, "CPU")))

@@ -46,6 +46,15 @@ def test_smoke_profile_end_to_end(mvtec_root: Path, tmp_path: Path) -> None:
     assert (results["inference_ms_per_image"] > 0).all()
     assert (results["peak_rss_mb"] > 100).all()
     assert (results["timed_images"] > 0).all()
+    # The profile's deployed models were exported and run in OpenVINO, the others not; Mdps scores there
+    # as in eager torch (anomalib's baselines carry its clamping post-processor in their graphs).
+    deployed = results.set_index("model")
+    assert "deployed_error" not in results or results["deployed_error"].isna().all(), results.get("deployed_error")
+    wanted = load_profile("smoke")["deployed_latency"]
+    assert set(deployed.index[deployed["deployed_ms_per_image"] > 0]) == set(wanted)
+    assert (deployed.loc[wanted, "export_seconds"] > 0).all()
+    assert abs(deployed.loc["Mdps", "deployed_image_AUROC"] - deployed.loc["Mdps", "image_AUROC"]) < 0.005
+    assert abs(deployed.loc["Mdps", "deployed_pixel_AUROC"] - deployed.loc["Mdps", "pixel_AUROC"]) < 0.01
 
     # Mdps's row carries its score's decomposition and the fusion it chose on its selection split.
     mdps = results[results["model"] == "Mdps"].iloc[0]
@@ -245,6 +254,19 @@ def test_ablation_refuses_weights_saved_by_another_layout_of_the_model() -> None
         load_denoiser({**saved, "state_dict": old_layout}, settings)
 
 
+def test_an_ablation_row_with_fixed_weights_scores_with_them_on_weights_that_chose_others() -> None:
+    from anomalib_mdps.models.mdps import MdpsModel
+    from benchmarks.mdps_ablation import load_denoiser
+
+    settings = {key: value for key, value in TINY_MDPS.items() if key != "image_size"}
+    trained = MdpsModel(**TINY_MDPS)
+    trained.fusion.copy_(torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))  # what training chose: no D̄
+    saved = {"image_size": TINY_MDPS["image_size"], "state_dict": trained.state_dict()}
+    alone = load_denoiser(saved, {**settings, "score_fusion": "fixed", "density_weight": 0, "score_density_weight": 0})
+    assert torch.equal(alone.fusion, torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(load_denoiser(saved, settings).fusion, trained.fusion)
+
+
 def test_the_readme_block_is_rewritten_from_the_results_and_nothing_else(tmp_path: Path) -> None:
     from benchmarks.report import update_readme
 
@@ -261,6 +283,21 @@ def test_the_readme_block_is_rewritten_from_the_results_and_nothing_else(tmp_pat
     assert "| Mdps | – | 0.700 / 0.600 (1500 ms) |" in text and "old table" not in text
     assert not update_readme(readme, "gpu", results)  # no block for that profile: the file stays as it is
     assert readme.read_text() == text
+
+
+def test_the_summary_gives_deployed_latency_and_mdps_over_padim_per_dataset() -> None:
+    from benchmarks.report import summary_table
+
+    row = {"image_AUROC": 0.9, "pixel_AUROC": 0.8}
+    results = pd.DataFrame([
+        {**row, "model": "PaDiM", "dataset": "bottle", "inference_ms_per_image": 50.0, "deployed_ms_per_image": 20.0},
+        {**row, "model": "Mdps", "dataset": "bottle", "inference_ms_per_image": 150.0, "deployed_ms_per_image": 30.0},
+        {**row, "model": "PaDiM", "dataset": "tire", "inference_ms_per_image": 40.0, "deployed_ms_per_image": None},
+        {**row, "model": "Mdps", "dataset": "tire", "inference_ms_per_image": 100.0, "deployed_ms_per_image": None},
+    ])
+    table = summary_table(results)
+    assert "| Mdps | 0.900 / 0.800 (150 ms; 30 ms deployed) | 0.900 / 0.800 (100 ms) |" in table
+    assert table.splitlines()[-1] == "| Mdps ÷ PaDiM ms | 3.0× (1.5× deployed) | 2.5× |"
 
 
 def test_score_terms_the_timed_pass_skipped_are_computed_in_a_second_pass(tiny_mdps_model) -> None:
