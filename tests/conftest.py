@@ -43,6 +43,28 @@ def mvtec_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def mdps_smoke_trained(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """``anomalib train`` of the Mdps smoke preset on bottle, run once for the tests that read a trained
+    Mdps (the CLI's round trip, the diffusion path alone), and the folder it wrote to.
+    """
+    import warnings
+
+    from anomalib.cli import AnomalibCLI
+
+    from anomalib_mdps.presets import preset_path
+
+    root = tmp_path_factory.mktemp("mdps_smoke")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cli = AnomalibCLI([
+            "train", "--config", str(preset_path("mdps_smoke")), "--data.root", str(mvtec_root),
+            "--default_root_dir", str(root),
+        ])
+    return cli, root
+
+
 @pytest.fixture
 def tiny_mdps_model():
     from anomalib_mdps.models.mdps import MdpsModel

@@ -21,9 +21,10 @@ SMOKE_FLOORS = {"image_AUROC": 0.8, "pixel_AUROC": 0.7}
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-def test_cli_train_then_test_from_checkpoint(mvtec_root: Path, tmp_path: Path) -> None:
-    common = ["--config", SMOKE, "--data.root", str(mvtec_root), "--default_root_dir", str(tmp_path)]
-    trained = AnomalibCLI(["train", *common])
+def test_cli_train_then_test_from_checkpoint(mdps_smoke_trained: tuple[AnomalibCLI, Path], mvtec_root: Path,
+                                            tmp_path: Path) -> None:
+    trained, root = mdps_smoke_trained
+    common = ["--config", SMOKE, "--data.root", str(mvtec_root), "--default_root_dir", str(root)]
     metrics = cli_metrics(trained)
     for name, floor in SMOKE_FLOORS.items():
         assert metrics[name] >= floor, (name, metrics[name])
@@ -32,14 +33,14 @@ def test_cli_train_then_test_from_checkpoint(mvtec_root: Path, tmp_path: Path) -
     labels = torch.cat([batch.gt_label for batch in predictions]).bool()
     assert scores[labels].mean() > scores[~labels].mean()
 
-    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    checkpoints = sorted(root.rglob("*.ckpt"))
     assert checkpoints, "training saved no checkpoint"
     tested = AnomalibCLI(["test", *common, "--ckpt_path", str(checkpoints[-1])])
     retested = cli_metrics(tested)
     for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
         assert retested[name] == pytest.approx(metrics[name], abs=1e-6), name
 
-    panels = sorted((tmp_path).rglob("images/**/*.png"))
+    panels = sorted(root.rglob("images/**/*.png"))
     assert panels, "no result images were written"
     width, height = Image.open(panels[0]).size
     # image | reconstruction | ground truth | heatmap overlay | predicted-mask overlay; no reconstruction

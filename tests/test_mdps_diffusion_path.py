@@ -13,7 +13,6 @@ from anomalib.cli import AnomalibCLI
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from anomalib_mdps.presets import preset_path
 
 # D̄ alone of the smoke preset scored pixel AUROC 0.799 on bottle here; with a denoiser that predicts
 # zeros, 0.733 (the input's own features still mark some defects). The floor catches an inverted or
@@ -31,11 +30,8 @@ class ZeroDenoiser(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fitted(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> AnomalibCLI:
-    return AnomalibCLI([
-        "fit", "--config", str(preset_path("mdps_smoke")), "--data.root", str(mvtec_root),
-        "--default_root_dir", str(tmp_path_factory.mktemp("results")),
-    ])
+def fitted(mdps_smoke_trained: tuple[AnomalibCLI, Path]) -> AnomalibCLI:
+    return mdps_smoke_trained[0]
 
 
 def eq18_pixel_auroc(cli: AnomalibCLI) -> float:

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
               "test images were scored without sampling (D̄'s own selection AUROCs are in the fusion line above).")
     panels = overview_panels(images)
     if panels is not None:
-        fields = "input | reconstruction | ground truth | heatmap | mask" if sampled else "input | ground truth | heatmap | mask"
-        print(f"One panel per test folder ({fields}): {panels}")
+        fields = ["input", *(["reconstruction"] if sampled else []), "ground truth", "heatmap", "mask"]
+        print(f"One panel per test folder ({' | '.join(fields)}): {panels}")
     return 0
 
 
