@@ -394,3 +394,28 @@ def test_a_fusion_without_eq19_skips_both_passes_and_scores_the_same(tiny_mdps_m
     model.fusion[1, 0] = 0.1  # D̄ in the score alone: both passes run again
     with pytest.raises(AssertionError, match="no weight"):
         model.reconstruct(images)
+
+
+@pytest.mark.parametrize(("kept", "skipped", "distance_of"), [(1, 2, "patch_memory"), (2, 1, "feature_density")])
+def test_a_feature_term_without_weight_is_not_computed_and_the_output_is_the_same(
+    tiny_mdps_model, monkeypatch, kept: int, skipped: int, distance_of: str,
+) -> None:
+    from anomalib_mdps.models.mdps.anomaly_map import fused
+
+    model = tiny_mdps_model()
+    images = _images(2)
+    weights = torch.zeros(2, 3)
+    weights[:, kept] = 1.0
+    model.fusion.copy_(weights)
+    terms = model.terms(images)
+    assert terms.maps[skipped] is not None  # the term exists: only scoring leaves it out
+    expected_map, expected_score = fused(terms.maps, weights[0]), top_k_mean_score(fused(terms.maps, weights[1]), model.top_k)
+
+    def not_needed(*args, **kwargs) -> None:
+        raise AssertionError(f"{distance_of} computed although the fusion gives it no weight")
+
+    monkeypatch.setattr(getattr(model, distance_of), "distance", not_needed)
+    output = model.reconstruct(images)
+    torch.testing.assert_close(output.anomaly_map, expected_map)
+    torch.testing.assert_close(output.pred_score, expected_score)
+    assert output.score_terms[:, skipped].isnan().all() and not output.score_terms[:, kept].isnan().any()

@@ -61,7 +61,7 @@ class MdpsOutput(NamedTuple):
     pred_score: torch.Tensor  # (B,)
     anomaly_map: torch.Tensor  # (B, 1, H, W) at the input's size: the fused map (``fusion`` row 0)
     # (B, 3, h, w) in [0, 1] at image_size, first posterior sample of the final pass; None when the
-    # fusion gives D̄ no weight and the diffusion passes are skipped (``needs_difference``)
+    # fusion gives D̄ no weight and the diffusion passes are skipped (``needed_terms``)
     reconstruction: torch.Tensor | None
     mask: torch.Tensor | None  # (B, 1, h, w) at image_size, m of the final pass (all ones without the mask pass)
     # (B, 3): the image score (top-S mean) of D̄ alone (eq. 18-19), of the density alone and of the patch
@@ -150,8 +150,8 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
             density and the patch memory's distance, with weights chosen by ``choose_fusion`` on the
             selection split (held-out normal training images and synthetic defects) while the model
             trains, and saved with it; until then, and with ``fixed``, D̄ + ``density_weight``·density
-            (map) and D̄ + ``score_density_weight``·density (score). Where the weights give D̄ no share
-            of either, scoring skips the diffusion passes (``needs_difference``).
+            (map) and D̄ + ``score_density_weight``·density (score). Scoring computes only the terms
+            the weights use (``needed_terms``): where D̄ has no share, it skips the diffusion passes.
         memory_size: normal training patches in the patch memory (``score_fusion='auto'`` only; 0:
             none). Its term, not in MDPS, is each patch's distance to the nearest normal patch from
             anywhere in the training images (PatchCore's idea), for parts that do not sit in the
@@ -343,11 +343,11 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
     def reconstruct(self, images: torch.Tensor) -> MdpsOutput:
         """Score images in [0, 1]: two MDPS passes (m = 1, then m of eq. 20), maps and scores.
 
-        When the fusion gives D̄ no weight in the map or the score, the passes are skipped: the
-        output is the same, without the reconstruction and the mask, at the cost of the density
-        and the memory alone.
+        Only the terms the fusion weighs are computed (``needed_terms``): without D̄ the passes are
+        skipped, and the output is the same without the reconstruction and the mask; without the
+        density or the memory, their distances are.
         """
-        terms = self.terms(images, with_difference=self.needs_difference)
+        terms = self.terms(images, self.needed_terms)
         return MdpsOutput(
             pred_score=top_k_mean_score(fused(terms.maps, self.fusion[1]), self.top_k),
             anomaly_map=self._at_input_size(fused(terms.maps, self.fusion[0]), images),
@@ -363,15 +363,16 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         return torch.stack([nan if term is None else top_k_mean_score(term, self.top_k) for term in terms.maps], dim=1)
 
     @torch.no_grad()
-    def terms(self, images: torch.Tensor, with_difference: bool = True) -> MdpsTerms:
+    def terms(self, images: torch.Tensor, needed: Sequence[bool] = (True, True, True)) -> MdpsTerms:
         """D̄ of the final pass (eqs. 18-19), the density and the memory, at the denoiser's size, unfused.
 
-        ``with_difference=False`` leaves D̄ (and both sampling passes) out: ``difference``,
-        ``reconstruction`` and ``mask`` are None.
+        ``needed`` (one flag per term, in ``TERM_NAMES`` order) leaves terms out as None; without D̄
+        both sampling passes are skipped and ``reconstruction`` and ``mask`` are None too.
         """
+        with_difference, with_density, with_memory = needed
         images, full = self._checked(images)
         self._check_calibrated()
-        density, memory = self.feature_maps(full, images.shape[-2:])
+        density, memory = self.feature_maps(full, images.shape[-2:], with_density, with_memory)
         if not with_difference:
             return MdpsTerms(None, density, memory, None, None)
         y, noise, features_y, samples = self._first_pass(images)
@@ -455,13 +456,18 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         return y, noise, features_y, samples
 
     @property
-    def needs_difference(self) -> bool:
-        """Whether D̄ weighs in the map or the image score (``fusion`` column 0); scoring skips the
-        diffusion passes when it does not. Inside ``exportable`` it is the value read on entry,
+    def needed_terms(self) -> tuple[bool, bool, bool]:
+        """Which of D̄, the density and the memory weigh in the map or the image score (``fusion``'s
+        columns); scoring computes only those. Inside ``exportable`` it is the value read on entry,
         since a buffer's value cannot steer a traced graph.
         """
-        at_export = getattr(self, "_difference_at_export", None)
-        return at_export if at_export is not None else bool(self.fusion[:, 0].any())
+        at_export = getattr(self, "_terms_at_export", None)
+        return at_export if at_export is not None else tuple(bool(used) for used in self.fusion.any(dim=0).tolist())
+
+    @property
+    def needs_difference(self) -> bool:
+        """Whether D̄ weighs in the map or the image score: scoring samples only then."""
+        return self.needed_terms[0]
 
     @property
     def uses_density(self) -> bool:
@@ -474,30 +480,31 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         return self.patch_memory is not None and self.patch_memory.fitted
 
     def _feature_distances(
-        self, full_images: torch.Tensor, size: Sequence[int],
+        self, full_images: torch.Tensor, size: Sequence[int], density: bool = True, memory: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The Mahalanobis distances of the input's features (as it entered) to the per-location Gaussian,
         and their distances to the nearest normal patch in the memory, at the denoiser's ``size``;
-        None for a term the model does not use. One backbone pass serves both.
+        None for a term the model does not use or that is not asked for. One backbone pass serves both.
         """
-        if not self.uses_density:
+        density, memory = density and self.uses_density, memory and self.uses_density and self.uses_memory
+        if not (density or memory):
             return None, None
         embedding = self.feature_density.embedding(self.features(full_images))
         resized = lambda distance: F.interpolate(distance, size=tuple(size), mode="bilinear", align_corners=False)  # noqa: E731
-        density = resized(self.feature_density.distance(embedding))
-        return density, resized(self.patch_memory.distance(embedding)) if self.uses_memory else None
+        return (resized(self.feature_density.distance(embedding)) if density else None,
+                resized(self.patch_memory.distance(embedding)) if memory else None)
 
     def _density_distance(self, full_images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Mahalanobis distances of the features of images as they entered, at the denoiser's ``size``."""
         return self._feature_distances(full_images, size)[0]
 
     def feature_maps(
-        self, full_images: torch.Tensor, size: Sequence[int],
+        self, full_images: torch.Tensor, size: Sequence[int], density: bool = True, memory: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The density and the memory terms (not in MDPS), each standardised by its normal-image mean and
-        spread and smoothed; None for a term the model does not use.
+        spread and smoothed; None for a term the model does not use or that is not asked for.
         """
-        density, memory = self._feature_distances(full_images, size)
+        density, memory = self._feature_distances(full_images, size, density, memory)
         if density is not None:
             density = self.blur((density - self.density_scale[0]) / self.density_scale[1])
         if memory is not None:
@@ -617,12 +624,12 @@ class MdpsModel(DynamicBufferMixin, PixelSpaceModel):
         guidance = self.guidance
         self.guidance = Guidance.JACOBIAN_FREE
         self.noise_for((3, *self.image_size))
-        self._difference_at_export = self.needs_difference
+        self._terms_at_export = self.needed_terms
         try:
             yield
         finally:
             self.guidance = guidance
-            del self._difference_at_export
+            del self._terms_at_export
 
 
 def normal_density_statistics(distances: torch.Tensor, statistics: DensityStatistics) -> torch.Tensor:
