@@ -60,7 +60,7 @@ def deployed_measurements(model: Any, datamodule: Any, warmup_images: int, root:
     import openvino
     from torch.nn import functional as F  # noqa: N812
 
-    model = model.cpu().eval()
+    model.eval()
     _, _, xml_path, export_seconds = export_openvino(model, root)
     compiled = openvino.Core().compile_model(xml_path, "CPU", F32)
     runtime = DEPLOYED_RUNTIME

@@ -14,6 +14,10 @@ RESULTS_MD = "results.md"
 PLOT_PNG = "auroc_vs_latency.png"
 PIXEL_PLOT_PNG = "pixel_auroc_vs_latency.png"
 
+# How far a deployed model may score from eager torch before the report says so (the runtime targets).
+DEPLOYED_IMAGE_TOLERANCE = 0.005
+DEPLOYED_PIXEL_TOLERANCE = 0.01
+
 # (csv column, markdown header, format)
 TABLE_COLUMNS = (
     ("model", "model", "{}"),
@@ -102,10 +106,6 @@ def markdown_report(results: pd.DataFrame, profile_name: str, notes: list[str]) 
         "",
     ])
 
-
-# How far a deployed model may score from eager torch before the report says so (the runtime targets).
-DEPLOYED_IMAGE_TOLERANCE = 0.005
-DEPLOYED_PIXEL_TOLERANCE = 0.01
 
 README_BLOCK = "<!-- benchmark table: {profile} -->", "<!-- end of benchmark table -->"
 # Models and what the README's table shows of them.
